@@ -1,0 +1,145 @@
+//! The function table: the one seam between the safe layer and a backend.
+
+use std::ffi::c_void;
+use std::fmt;
+use std::sync::OnceLock;
+
+use crate::generated::{for_each_function, pfn};
+use crate::loader::{LoadError, Loader, LoaderConfig};
+
+macro_rules! define_api {
+    ($($name:ident),* $(,)?) => {
+        /// A complete set of C entry points supplied by a backend other than the loader
+        /// (for example a simulated device). `None` entries report [`LoadError::NotProvided`].
+        #[derive(Clone, Copy, Default)]
+        #[allow(non_snake_case)]
+        pub struct FunctionTable {
+            $(
+                #[doc = concat!("`", stringify!($name), "`")]
+                pub $name: Option<pfn::$name>,
+            )*
+        }
+
+        impl FunctionTable {
+            /// Names of the entries this table provides.
+            pub fn provided(&self) -> Vec<&'static str> {
+                let mut out = Vec::new();
+                $( if self.$name.is_some() { out.push(stringify!($name)); } )*
+                out
+            }
+        }
+
+        /// Names of every C function in the table, in table order.
+        pub const FUNCTION_NAMES: &[&str] = &[$(stringify!($name)),*];
+
+        /// Per-symbol resolution results of the dynamic loader.
+        #[derive(Default)]
+        #[allow(non_snake_case)]
+        struct Resolved {
+            $( $name: OnceLock<Result<pfn::$name, LoadError>>, )*
+        }
+
+        #[allow(non_snake_case)]
+        impl Api {
+            $(
+                #[doc = concat!("The `", stringify!($name), "` entry point, resolved on first use.")]
+                pub fn $name(&self) -> Result<pfn::$name, LoadError> {
+                    match &self.source {
+                        Source::Table(table) => {
+                            table.$name.ok_or(LoadError::NotProvided { symbol: stringify!($name) })
+                        }
+                        Source::Dynamic(dynamic) => dynamic
+                            .resolved
+                            .$name
+                            .get_or_init(|| {
+                                let address = dynamic.loader.resolve(stringify!($name))?;
+                                // SAFETY: `address` is the exported symbol of that name, whose
+                                // C signature is the one `pfn` was generated from; a data
+                                // pointer and a function pointer have the same size here.
+                                Ok(unsafe { std::mem::transmute::<*mut c_void, pfn::$name>(address) })
+                            })
+                            .clone(),
+                    }
+                }
+            )*
+        }
+    };
+}
+
+for_each_function!(define_api);
+
+/// The C API of one backend: either the real CANN libraries or a supplied [`FunctionTable`].
+///
+/// Every accessor returns the function pointer or a [`LoadError`]; nothing panics. `Api` is
+/// `Send + Sync`: it holds only function pointers, opened libraries and once-cells.
+pub struct Api {
+    source: Source,
+}
+
+enum Source {
+    Table(FunctionTable),
+    Dynamic(Box<Dynamic>),
+}
+
+struct Dynamic {
+    loader: Loader,
+    resolved: Resolved,
+}
+
+impl Api {
+    /// Loads the real CANN libraries. The runtime library is opened now (so a missing CANN is
+    /// reported here, with every path tried); other libraries and all symbols on first use.
+    pub fn load(config: LoaderConfig) -> Result<Api, LoadError> {
+        let loader = Loader::new(config);
+        loader.open_runtime()?;
+        Ok(Api { source: Source::Dynamic(Box::new(Dynamic { loader, resolved: Resolved::default() })) })
+    }
+
+    /// Uses a backend's own table of entry points.
+    pub fn from_table(table: FunctionTable) -> Api {
+        Api { source: Source::Table(table) }
+    }
+
+    /// `true` when the functions come from shared libraries opened by the loader.
+    pub fn is_dynamic(&self) -> bool {
+        matches!(self.source, Source::Dynamic(_))
+    }
+}
+
+impl fmt::Debug for Api {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Source::Table(t) => f.debug_struct("Api").field("table", &t.provided().len()).finish(),
+            Source::Dynamic(d) => f.debug_struct("Api").field("libraries", &d.loader.opened_paths()).finish(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    unsafe extern "C" fn fake_device_count(count: *mut u32) -> crate::aclError {
+        // SAFETY: the test passes a valid pointer.
+        unsafe { *count = 3 };
+        0
+    }
+
+    #[test]
+    fn table_entries_are_returned_and_missing_ones_are_errors() {
+        let api = Api::from_table(FunctionTable { aclrtGetDeviceCount: Some(fake_device_count), ..Default::default() });
+        let f = api.aclrtGetDeviceCount().unwrap();
+        let mut n = 0;
+        // SAFETY: `n` is a valid out-pointer.
+        assert_eq!(unsafe { f(&mut n) }, 0);
+        assert_eq!(n, 3);
+        assert_eq!(api.aclInit().err(), Some(LoadError::NotProvided { symbol: "aclInit" }));
+        assert!(!api.is_dynamic());
+    }
+
+    #[test]
+    fn every_function_has_a_name() {
+        assert_eq!(FUNCTION_NAMES.len(), 34);
+        assert!(FUNCTION_NAMES.contains(&"aclnnConvertWeightToINT4PackGetWorkspaceSize"));
+    }
+}

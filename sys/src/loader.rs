@@ -1,0 +1,297 @@
+//! Finds and opens the CANN shared libraries at run time and resolves symbols one by one.
+//!
+//! Search order for every library: the directories of `ACLNN_LIB_DIR` (or
+//! [`LoaderConfig::lib_dirs`]), then `$ASCEND_HOME_PATH/lib64`, `$ASCEND_TOOLKIT_HOME/lib64`,
+//! `/usr/local/Ascend/cann/lib64`, `/usr/local/Ascend/ascend-toolkit/latest/lib64`, then the
+//! system loader path (`LD_LIBRARY_PATH`, `ldconfig`). Nothing here panics: every failure is a
+//! [`LoadError`] that names what was looked for and every path tried.
+
+use std::ffi::c_void;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use libloading::Library;
+
+/// Environment variable with extra library directories (`:`-separated), searched first.
+pub const LIB_DIR_ENV: &str = "ACLNN_LIB_DIR";
+
+/// Install roots whose `lib64` is searched, after the environment variables.
+const DEFAULT_ROOTS: &[&str] = &["/usr/local/Ascend/cann", "/usr/local/Ascend/ascend-toolkit/latest"];
+
+/// The three families of CANN libraries a symbol can come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LibraryGroup {
+    /// The ACL runtime: `libascendcl.so` or the newer `libacl_rt.so`.
+    Runtime,
+    /// Tensor descriptors and executors: `libnnopbase.so`.
+    Nnopbase,
+    /// aclnn operators: `libopapi_nn.so` (CANN 8.5+), `libopapi.so`, `libaclnn_ops_infer.so`.
+    Operators,
+}
+
+impl LibraryGroup {
+    /// File names tried for this group, in order.
+    pub fn file_names(self) -> &'static [&'static str] {
+        match self {
+            LibraryGroup::Runtime => &["libascendcl.so", "libacl_rt.so"],
+            LibraryGroup::Nnopbase => &["libnnopbase.so"],
+            LibraryGroup::Operators => &["libopapi_nn.so", "libopapi.so", "libaclnn_ops_infer.so"],
+        }
+    }
+
+    /// The group that exports `symbol`.
+    pub fn of_symbol(symbol: &str) -> LibraryGroup {
+        const NNOPBASE: &[&str] =
+            &["aclCreateTensor", "aclInitTensor", "aclDestroyTensor", "aclDestroyAclOpExecutor"];
+        if symbol.starts_with("aclnn") {
+            LibraryGroup::Operators
+        } else if NNOPBASE.contains(&symbol) {
+            LibraryGroup::Nnopbase
+        } else {
+            LibraryGroup::Runtime
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for LibraryGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.file_names().join(" or "))
+    }
+}
+
+/// Why a function could not be obtained.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// No candidate file of a library group could be opened.
+    #[error(
+        "cannot load the CANN library {group}; tried:\n  {}\n\
+         Install CANN and source its set_env.sh, or set ACLNN_LIB_DIR to the directory holding it",
+        tried.join("\n  ")
+    )]
+    LibraryNotFound {
+        /// The library group that was looked for.
+        group: LibraryGroup,
+        /// Every path tried, each with the loader's reason.
+        tried: Vec<String>,
+    },
+    /// The libraries opened but none exports the symbol (an older or newer CANN).
+    #[error("symbol `{symbol}` is not exported by any of: {}", searched.join(", "))]
+    SymbolMissing {
+        /// The C symbol.
+        symbol: &'static str,
+        /// The libraries searched.
+        searched: Vec<String>,
+    },
+    /// A table-based backend does not provide this function.
+    #[error("the backend does not provide `{symbol}`")]
+    NotProvided {
+        /// The C symbol.
+        symbol: &'static str,
+    },
+}
+
+/// Where the loader looks.
+#[derive(Clone, Debug, Default)]
+pub struct LoaderConfig {
+    /// Directories searched before anything else.
+    pub lib_dirs: Vec<PathBuf>,
+    /// Skip `ASCEND_HOME_PATH`, `ASCEND_TOOLKIT_HOME` and the default install roots.
+    pub skip_install_dirs: bool,
+    /// Skip the system loader path (bare file names passed to `dlopen`).
+    pub skip_system_path: bool,
+}
+
+impl LoaderConfig {
+    /// The default configuration plus the directories named by `ACLNN_LIB_DIR`.
+    pub fn from_env() -> LoaderConfig {
+        let lib_dirs = std::env::var_os(LIB_DIR_ENV)
+            .map(|v| std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()).collect())
+            .unwrap_or_default();
+        LoaderConfig { lib_dirs, ..LoaderConfig::default() }
+    }
+
+    /// Directories searched, in order (without the system loader path).
+    pub fn search_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = self.lib_dirs.clone();
+        if !self.skip_install_dirs {
+            for var in ["ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME"] {
+                if let Some(root) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+                    dirs.push(PathBuf::from(root).join("lib64"));
+                }
+            }
+            dirs.extend(DEFAULT_ROOTS.iter().map(|r| PathBuf::from(r).join("lib64")));
+        }
+        let mut seen = Vec::new();
+        dirs.retain(|d| {
+            let new = !seen.contains(d);
+            seen.push(d.clone());
+            new
+        });
+        dirs
+    }
+
+    /// Every path (or bare name) tried for a group, in order.
+    fn candidates(&self, group: LibraryGroup) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for name in group.file_names() {
+            for dir in self.search_dirs() {
+                out.push(dir.join(name));
+            }
+            if !self.skip_system_path {
+                out.push(PathBuf::from(name));
+            }
+        }
+        out
+    }
+}
+
+/// One opened library.
+struct Opened {
+    path: String,
+    lib: Library,
+}
+
+/// Opens library groups on first use and resolves symbols in them.
+pub(crate) struct Loader {
+    config: LoaderConfig,
+    groups: [OnceLock<Result<Vec<Opened>, LoadError>>; 3],
+}
+
+impl Loader {
+    pub(crate) fn new(config: LoaderConfig) -> Loader {
+        Loader { config, groups: Default::default() }
+    }
+
+    /// Opens (once) every file of `group` that can be opened; one per file name.
+    fn group(&self, group: LibraryGroup) -> Result<&[Opened], LoadError> {
+        let slot = self.groups[group.index()].get_or_init(|| open_group(&self.config, group));
+        match slot {
+            Ok(libs) => Ok(libs),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    /// Ensures the runtime library can be opened.
+    pub(crate) fn open_runtime(&self) -> Result<(), LoadError> {
+        self.group(LibraryGroup::Runtime).map(|_| ())
+    }
+
+    /// Paths of the libraries opened so far.
+    pub(crate) fn opened_paths(&self) -> Vec<String> {
+        self.groups
+            .iter()
+            .filter_map(|g| g.get())
+            .filter_map(|r| r.as_ref().ok())
+            .flat_map(|libs| libs.iter().map(|l| l.path.clone()))
+            .collect()
+    }
+
+    /// Address of `symbol` in the first library of its group that exports it.
+    pub(crate) fn resolve(&self, symbol: &'static str) -> Result<*mut c_void, LoadError> {
+        let libs = self.group(LibraryGroup::of_symbol(symbol))?;
+        for opened in libs {
+            // SAFETY: the symbol is only read as an address here; the caller gives it the
+            // function type generated from the C declaration of the same name.
+            let found = unsafe { opened.lib.get::<*mut c_void>(symbol) };
+            if let Ok(sym) = found {
+                return Ok(*sym);
+            }
+        }
+        Err(LoadError::SymbolMissing { symbol, searched: libs.iter().map(|l| l.path.clone()).collect() })
+    }
+}
+
+fn open_group(config: &LoaderConfig, group: LibraryGroup) -> Result<Vec<Opened>, LoadError> {
+    let mut tried = Vec::new();
+    let mut opened: Vec<Opened> = Vec::new();
+    let mut names_done: Vec<&str> = Vec::new();
+    for candidate in config.candidates(group) {
+        let file_name = candidate.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if names_done.contains(&file_name) {
+            continue;
+        }
+        // A path with a directory that does not exist is reported without asking dlopen.
+        if candidate.parent().is_some_and(|p| !p.as_os_str().is_empty()) && !candidate.exists() {
+            tried.push(format!("{}: no such file", candidate.display()));
+            continue;
+        }
+        match open_library(&candidate) {
+            Ok(lib) => {
+                let name = group.file_names().iter().find(|n| **n == file_name).copied().unwrap_or("");
+                names_done.push(name);
+                opened.push(Opened { path: candidate.display().to_string(), lib });
+                // The runtime and nnopbase need one file; operators may be split across several.
+                if group != LibraryGroup::Operators {
+                    break;
+                }
+            }
+            Err(e) => tried.push(format!("{}: {e}", candidate.display())),
+        }
+    }
+    if opened.is_empty() { Err(LoadError::LibraryNotFound { group, tried }) } else { Ok(opened) }
+}
+
+fn open_library(path: &std::path::Path) -> Result<Library, libloading::Error> {
+    #[cfg(unix)]
+    {
+        use libloading::os::unix::{Library as UnixLibrary, RTLD_GLOBAL, RTLD_LAZY};
+        // SAFETY: opening a CANN library runs its initialisers, which is the documented way to
+        // use it; RTLD_GLOBAL lets operator libraries find nnopbase and runtime symbols.
+        unsafe { UnixLibrary::open(Some(path), RTLD_LAZY | RTLD_GLOBAL) }.map(Library::from)
+    }
+    #[cfg(not(unix))]
+    {
+        // SAFETY: as above; Windows has no CANN release, this keeps the crate building there.
+        unsafe { Library::new(path) }
+    }
+}
+
+/// Cheap probe: can the ACL runtime library be opened with the environment's configuration?
+pub fn is_available() -> bool {
+    open_group(&LoaderConfig::from_env(), LibraryGroup::Runtime).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symbols_map_to_their_libraries() {
+        assert_eq!(LibraryGroup::of_symbol("aclrtMalloc"), LibraryGroup::Runtime);
+        assert_eq!(LibraryGroup::of_symbol("aclGetRecentErrMsg"), LibraryGroup::Runtime);
+        assert_eq!(LibraryGroup::of_symbol("aclCreateTensor"), LibraryGroup::Nnopbase);
+        assert_eq!(
+            LibraryGroup::of_symbol("aclnnConvertWeightToINT4PackGetWorkspaceSize"),
+            LibraryGroup::Operators
+        );
+    }
+
+    #[test]
+    fn missing_library_lists_every_path_tried() {
+        let dir = std::env::temp_dir().join("aclnn-sys-no-such-dir");
+        let config = LoaderConfig { lib_dirs: vec![dir.clone()], skip_install_dirs: true, skip_system_path: false };
+        let err = open_group(&config, LibraryGroup::Runtime).err().expect("no CANN here");
+        let LoadError::LibraryNotFound { group, tried } = &err else { panic!("unexpected {err:?}") };
+        assert_eq!(*group, LibraryGroup::Runtime);
+        assert!(tried.iter().any(|t| t.starts_with(&dir.join("libascendcl.so").display().to_string())));
+        assert!(tried.iter().any(|t| t.starts_with("libacl_rt.so")));
+        assert!(err.to_string().contains("ACLNN_LIB_DIR"));
+    }
+
+    #[test]
+    fn search_dirs_follow_the_documented_order() {
+        let config = LoaderConfig { lib_dirs: vec!["/opt/x".into()], ..LoaderConfig::default() };
+        let dirs = config.search_dirs();
+        assert_eq!(dirs[0], PathBuf::from("/opt/x"));
+        let cann = dirs.iter().position(|d| d == &PathBuf::from("/usr/local/Ascend/cann/lib64")).unwrap();
+        let toolkit =
+            dirs.iter().position(|d| d == &PathBuf::from("/usr/local/Ascend/ascend-toolkit/latest/lib64")).unwrap();
+        assert!(0 < cann && cann < toolkit);
+    }
+}
