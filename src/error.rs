@@ -1,0 +1,183 @@
+//! The crate's error type: which layer failed, which API, the raw code and the runtime's text.
+
+use aclnn_sys as sys;
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong. Codes stay integers: a newer CANN may return codes this crate
+/// does not know, and they are reported as they are.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An ACL runtime call (`acl*`, `aclrt*`) returned a non-zero `aclError`.
+    #[error("{api} failed: ACL runtime error {code} ({}){}", runtime_code_name(*code), detail(message))]
+    Runtime {
+        /// The C function that failed.
+        api: &'static str,
+        /// The raw `aclError`.
+        code: i32,
+        /// `aclGetRecentErrMsg` text, when the runtime had any.
+        message: Option<String>,
+    },
+    /// An aclnn call (tensor descriptors, operators) returned a non-zero `aclnnStatus`.
+    #[error("{api} failed: aclnn status {code} ({}){}", aclnn_code_name(*code), detail(message))]
+    Aclnn {
+        /// The C function that failed.
+        api: &'static str,
+        /// The raw `aclnnStatus`.
+        code: i32,
+        /// `aclGetRecentErrMsg` text, when the runtime had any.
+        message: Option<String>,
+    },
+    /// A C function returned a null handle (e.g. `aclCreateTensor` on allocation failure).
+    #[error("{api} returned null{}", detail(message))]
+    NullHandle {
+        /// The C function.
+        api: &'static str,
+        /// `aclGetRecentErrMsg` text, when the runtime had any.
+        message: Option<String>,
+    },
+    /// The CANN libraries or a symbol could not be loaded.
+    #[error(transparent)]
+    Load(#[from] sys::LoadError),
+    /// An argument was rejected by this crate before reaching the C API.
+    #[error("invalid {argument}: {problem}; expected {expected}")]
+    InvalidArgument {
+        /// The argument (or part of it) that is wrong.
+        argument: &'static str,
+        /// What is wrong with it.
+        problem: String,
+        /// What would have been accepted.
+        expected: String,
+    },
+    /// A data value lies outside the range the operation accepts.
+    #[error("{argument}[{index}] = {value} is out of range; expected a value in {expected}")]
+    ValueOutOfRange {
+        /// The data argument.
+        argument: &'static str,
+        /// Flat (row-major) index of the first offending element.
+        index: usize,
+        /// The offending value, as text.
+        value: String,
+        /// The accepted range.
+        expected: &'static str,
+    },
+    /// Backend selection or configuration failed.
+    #[error("backend: {0}")]
+    Backend(String),
+}
+
+impl Error {
+    /// The raw ACL / aclnn code, if the error came from the C API.
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            Error::Runtime { code, .. } | Error::Aclnn { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// `true` for device out-of-memory conditions.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(sys::ACL_ERROR_RT_MEMORY_ALLOCATION | sys::ACL_ERROR_RT_DEVICE_OOM | sys::ACL_ERROR_BAD_ALLOC)
+        ) && matches!(self, Error::Runtime { .. })
+    }
+
+    pub(crate) fn invalid(argument: &'static str, problem: impl Into<String>, expected: impl Into<String>) -> Error {
+        Error::InvalidArgument { argument, problem: problem.into(), expected: expected.into() }
+    }
+}
+
+fn detail(message: &Option<String>) -> String {
+    match message {
+        Some(m) if !m.trim().is_empty() => format!(": {}", m.trim()),
+        _ => String::new(),
+    }
+}
+
+/// Name of a known runtime code (ACL or ACL runtime), for messages.
+pub fn runtime_code_name(code: i32) -> &'static str {
+    match code {
+        sys::ACL_SUCCESS => "ACL_SUCCESS",
+        sys::ACL_ERROR_INVALID_PARAM => "ACL_ERROR_INVALID_PARAM",
+        sys::ACL_ERROR_UNINITIALIZE => "ACL_ERROR_UNINITIALIZE",
+        sys::ACL_ERROR_REPEAT_INITIALIZE => "ACL_ERROR_REPEAT_INITIALIZE",
+        sys::ACL_ERROR_REPEAT_FINALIZE => "ACL_ERROR_REPEAT_FINALIZE",
+        sys::ACL_ERROR_BAD_ALLOC => "ACL_ERROR_BAD_ALLOC",
+        sys::ACL_ERROR_INVALID_DEVICE => "ACL_ERROR_INVALID_DEVICE",
+        sys::ACL_ERROR_INTERNAL_ERROR => "ACL_ERROR_INTERNAL_ERROR",
+        sys::ACL_ERROR_RT_PARAM_INVALID => "ACL_ERROR_RT_PARAM_INVALID",
+        sys::ACL_ERROR_RT_INVALID_DEVICEID => "ACL_ERROR_RT_INVALID_DEVICEID",
+        sys::ACL_ERROR_RT_CONTEXT_NULL => "ACL_ERROR_RT_CONTEXT_NULL",
+        sys::ACL_ERROR_RT_MEMORY_ALLOCATION => "ACL_ERROR_RT_MEMORY_ALLOCATION",
+        sys::ACL_ERROR_RT_DEVICE_OOM => "ACL_ERROR_RT_DEVICE_OOM",
+        sys::ACL_ERROR_RT_NO_DEVICE => "ACL_ERROR_RT_NO_DEVICE",
+        sys::ACL_ERROR_RT_INTERNAL_ERROR => "ACL_ERROR_RT_INTERNAL_ERROR",
+        sys::ACL_ERROR_RT_DEVICE_MEM_ERROR => "ACL_ERROR_RT_DEVICE_MEM_ERROR",
+        _ => "unknown code",
+    }
+}
+
+/// Name of a known aclnn status, for messages.
+pub fn aclnn_code_name(code: i32) -> &'static str {
+    match code {
+        sys::ACLNN_SUCCESS => "ACLNN_SUCCESS",
+        sys::ACLNN_ERR_PARAM_NULLPTR => "ACLNN_ERR_PARAM_NULLPTR",
+        sys::ACLNN_ERR_PARAM_INVALID => "ACLNN_ERR_PARAM_INVALID",
+        sys::ACLNN_ERR_RUNTIME_ERROR => "ACLNN_ERR_RUNTIME_ERROR",
+        sys::ACLNN_ERR_INNER => "ACLNN_ERR_INNER",
+        sys::ACLNN_ERR_INNER_FIND_KERNEL_ERROR => "ACLNN_ERR_INNER_FIND_KERNEL_ERROR",
+        sys::ACLNN_ERR_INNER_OPP_PATH_NOT_FOUND => "ACLNN_ERR_INNER_OPP_PATH_NOT_FOUND",
+        _ => runtime_code_name(code),
+    }
+}
+
+/// The thread's recent error text (`aclGetRecentErrMsg`), if any.
+pub(crate) fn recent_message(api: &sys::Api) -> Option<String> {
+    let f = api.aclGetRecentErrMsg().ok()?;
+    // SAFETY: takes no arguments; returns null or a NUL-terminated string owned by the runtime
+    // that stays valid until the next call on this thread, and is copied at once.
+    let ptr = unsafe { f() };
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: non-null and NUL-terminated per the contract above.
+    Some(unsafe { std::ffi::CStr::from_ptr(ptr) }.to_string_lossy().into_owned())
+}
+
+/// Turns a runtime return code into a `Result`.
+pub(crate) fn check_runtime(api: &sys::Api, name: &'static str, code: sys::aclError) -> Result<()> {
+    if code == sys::ACL_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Runtime { api: name, code, message: recent_message(api) })
+    }
+}
+
+/// Turns an aclnn status into a `Result`.
+pub(crate) fn check_aclnn(api: &sys::Api, name: &'static str, code: sys::aclnnStatus) -> Result<()> {
+    if code == sys::ACLNN_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Aclnn { api: name, code, message: recent_message(api) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_api_code_and_text() {
+        let e = Error::Aclnn { api: "aclnnX", code: 161002, message: Some("bad shape".into()) };
+        assert_eq!(e.to_string(), "aclnnX failed: aclnn status 161002 (ACLNN_ERR_PARAM_INVALID): bad shape");
+        assert_eq!(e.code(), Some(161002));
+        let oom = Error::Runtime { api: "aclrtMalloc", code: 207001, message: None };
+        assert!(oom.is_out_of_memory());
+        assert_eq!(oom.to_string(), "aclrtMalloc failed: ACL runtime error 207001 (ACL_ERROR_RT_MEMORY_ALLOCATION)");
+        let unknown = Error::Runtime { api: "aclrtFoo", code: 999_999, message: None };
+        assert!(unknown.to_string().contains("999999 (unknown code)"));
+    }
+}

@@ -1,0 +1,419 @@
+//! `aclnnConvertWeightToINT4Pack` (the operator behind `torch_npu.npu_convert_weight_to_int4pack`),
+//! a host fast path that produces the same bytes, and unpacking.
+//!
+//! The operator does all its work in phase 1, synchronously, on the host: it copies the whole
+//! weight to the host, packs two 4-bit codes per byte (lower index in the low nibble), optionally
+//! lays the bytes out as FRACTAL_NZ, and copies them back. It ignores streams and the view offset,
+//! masks out-of-range values instead of rejecting them, and corrupts 3D FRACTAL_NZ weights whose
+//! rows are not tile-aligned. This module guards against all of that (see `docs/int4pack.md`).
+
+use std::sync::Arc;
+
+use aclnn_sys as sys;
+
+use crate::error::{Error, Result, check_aclnn};
+use crate::kernels::{self, GroupOffset, NzGeometry, PackError};
+use crate::memory::DeviceBuffer;
+use crate::plan::Plan;
+use crate::soc::{ChipFamily, Container};
+use crate::stream::Stream;
+use crate::tensor::{DType, Format, Tensor, TensorDesc, contiguous_strides};
+use crate::workspace::Workspace;
+
+/// What the source weights are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightKind {
+    /// `int32` values in [-8, 7], packed as signed int4.
+    Int4,
+    /// `float32` values carrying FP4 E2M1 numbers, packed as FP4 codes.
+    Fp4,
+}
+
+/// How to pack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PackOptions {
+    /// Eight values per 32-bit element (`INT32` / `FLOAT` output, the torch_npu default) or one
+    /// value per 4-bit element (`INT4` / `FLOAT4_E2M1` output).
+    pub container: Container,
+    /// [`Format::Nd`] or [`Format::FractalNz`].
+    pub format: Format,
+}
+
+impl Default for PackOptions {
+    /// INT32 containers in ND, as `torch_npu.npu_convert_weight_to_int4pack(w)`.
+    fn default() -> Self {
+        PackOptions { container: Container::ThirtyTwoBit, format: Format::Nd }
+    }
+}
+
+/// The full description of a packed weight: tensor descriptor, byte size and NZ geometry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackLayout {
+    /// What was packed.
+    pub kind: WeightKind,
+    /// The options used.
+    pub options: PackOptions,
+    /// The source weight shape: `(k, n)`, `(n, k)` or `(groups, k, n)`.
+    pub weight_shape: Vec<i64>,
+    /// Descriptor of the packed tensor (view `(.., k, n)` or `(.., k, n/8)`; NZ storage shape).
+    pub desc: TensorDesc,
+    /// Bytes of packed data (what the operator writes).
+    pub bytes: usize,
+    /// Geometry of the FRACTAL_NZ layout, when NZ.
+    pub nz: Option<NzGeometry>,
+}
+
+impl PackLayout {
+    /// Plans the packed tensor for a weight of `weight_shape` on a chip of `family`, refusing
+    /// every shape the operator rejects or corrupts.
+    pub fn new(weight_shape: &[i64], kind: WeightKind, options: PackOptions, family: ChipFamily) -> Result<PackLayout> {
+        let rank = weight_shape.len();
+        if !(2..=3).contains(&rank) {
+            return Err(Error::invalid(
+                "weight shape",
+                format!("{weight_shape:?} has {rank} dims"),
+                "2 dims (k, n) or (n, k), or 3 dims (groups, k, n)",
+            ));
+        }
+        if let Some(d) = weight_shape.iter().find(|d| **d <= 0) {
+            return Err(Error::invalid("weight shape", format!("{weight_shape:?} has the dim {d}"), "every dim >= 1"));
+        }
+        let elements = weight_shape
+            .iter()
+            .try_fold(1usize, |acc, d| acc.checked_mul(*d as usize))
+            .filter(|e| e.checked_mul(4).is_some_and(|b| b <= isize::MAX as usize))
+            .ok_or_else(|| Error::invalid("weight shape", format!("{weight_shape:?} is too large"), "fewer than 2^61 elements"))?;
+        let (k, n) = (weight_shape[rank - 2], weight_shape[rank - 1]);
+        let groups = if rank == 3 { weight_shape[0] } else { 1 };
+        let per_element = match options.container {
+            Container::ThirtyTwoBit => 8,
+            Container::FourBit => 2,
+        };
+        if n % per_element != 0 {
+            return Err(Error::invalid(
+                "weight shape",
+                format!("the last dim is {n}"),
+                format!("a last dim that is a multiple of {per_element} for {:?} output", packed_dtype(kind, options.container)),
+            ));
+        }
+        let dtype = packed_dtype(kind, options.container);
+        let pn = match options.container {
+            Container::ThirtyTwoBit => n / 8,
+            Container::FourBit => n,
+        };
+        let mut view = weight_shape.to_vec();
+        view[rank - 1] = pn;
+        let (desc, nz) = match options.format {
+            Format::Nd => (TensorDesc::nd(dtype, &view), None),
+            Format::FractalNz => {
+                let tile = family.nz_storage_shape(options.container, k, pn);
+                let geom = NzGeometry {
+                    groups: groups as usize,
+                    rows: k as usize,
+                    row_bytes: (n / 2) as usize,
+                    c0: family.nz_c0_bytes(tile[3]),
+                };
+                if rank == 3 && !geom.is_aligned() {
+                    return Err(Error::invalid(
+                        "weight shape",
+                        format!(
+                            "3D weight {weight_shape:?} in FRACTAL_NZ has k = {k} and {} bytes per row; CANN's \
+                             operator offsets each group by its unpadded size, so groups overlap and the \
+                             packed data is corrupted",
+                            n / 2
+                        ),
+                        format!(
+                            "k a multiple of 16 and n a multiple of {} for 3D NZ; otherwise pack in ND, or \
+                             pack each group as its own 2D weight",
+                            geom.c0 * 2
+                        ),
+                    ));
+                }
+                let mut storage = Vec::with_capacity(5);
+                if rank == 3 {
+                    storage.push(groups);
+                }
+                storage.extend_from_slice(&tile);
+                (TensorDesc::nz(dtype, &view, &storage), Some(geom))
+            }
+            other => {
+                return Err(Error::invalid("pack format", format!("{other:?}"), "Format::Nd or Format::FractalNz"));
+            }
+        };
+        let bytes = match nz {
+            Some(g) => g.total_bytes(),
+            None => elements / 2,
+        };
+        Ok(PackLayout { kind, options, weight_shape: weight_shape.to_vec(), desc, bytes, nz })
+    }
+}
+
+fn packed_dtype(kind: WeightKind, container: Container) -> DType {
+    match (kind, container) {
+        (WeightKind::Int4, Container::ThirtyTwoBit) => DType::Int32,
+        (WeightKind::Int4, Container::FourBit) => DType::Int4,
+        (WeightKind::Fp4, Container::ThirtyTwoBit) => DType::Float,
+        (WeightKind::Fp4, Container::FourBit) => DType::Float4E2M1,
+    }
+}
+
+/// A packed weight in device memory, ready for `aclnnWeightQuantBatchMatmulV2`.
+#[derive(Debug)]
+pub struct PackedWeight {
+    buffer: DeviceBuffer<u8>,
+    layout: PackLayout,
+}
+
+impl PackedWeight {
+    /// How the weight is packed.
+    pub fn layout(&self) -> &PackLayout {
+        &self.layout
+    }
+
+    /// The tensor description of the packed data.
+    pub fn desc(&self) -> &TensorDesc {
+        &self.layout.desc
+    }
+
+    /// The device memory holding the packed bytes.
+    pub fn buffer(&self) -> &DeviceBuffer<u8> {
+        &self.buffer
+    }
+
+    /// A read-only tensor over the packed data (e.g. the matmul's `weight` argument).
+    pub fn tensor(&self) -> Result<Tensor<'_>> {
+        Tensor::new(&self.buffer, self.layout.desc.clone())
+    }
+
+    /// The packed bytes, as the device holds them.
+    pub fn to_host_bytes(&self) -> Result<Vec<u8>> {
+        let mut bytes = self.buffer.to_vec()?;
+        bytes.truncate(self.layout.bytes);
+        Ok(bytes)
+    }
+
+    /// The packed bytes back in ND order (undoing FRACTAL_NZ).
+    fn nd_bytes(&self) -> Result<Vec<u8>> {
+        let bytes = self.to_host_bytes()?;
+        let Some(geom) = self.layout.nz else { return Ok(bytes) };
+        let mut nd = vec![0u8; geom.groups * geom.rows * geom.row_bytes];
+        kernels::nz_to_nd(&bytes, geom, &mut nd).map_err(layout_error)?;
+        Ok(nd)
+    }
+
+    /// Unpacks an int4 weight to one `i32` per value, in the source weight's shape.
+    pub fn unpack_int4(&self) -> Result<Vec<i32>> {
+        if self.layout.kind != WeightKind::Int4 {
+            return Err(Error::invalid("packed weight", "it holds FP4 codes", "an int4 weight (use unpack_fp4)"));
+        }
+        let nd = self.nd_bytes()?;
+        let mut out = vec![0i32; nd.len() * 2];
+        kernels::unpack_int4(&nd, &mut out).map_err(layout_error)?;
+        Ok(out)
+    }
+
+    /// Unpacks an FP4 weight to one `f32` per value, in the source weight's shape.
+    pub fn unpack_fp4(&self) -> Result<Vec<f32>> {
+        if self.layout.kind != WeightKind::Fp4 {
+            return Err(Error::invalid("packed weight", "it holds int4 values", "an FP4 weight (use unpack_int4)"));
+        }
+        let nd = self.nd_bytes()?;
+        let mut out = vec![0f32; nd.len() * 2];
+        kernels::unpack_fp4(&nd, &mut out).map_err(layout_error)?;
+        Ok(out)
+    }
+
+    /// Gives up the packed data's device memory.
+    pub fn into_buffer(self) -> DeviceBuffer<u8> {
+        self.buffer
+    }
+}
+
+fn layout_error(e: kernels::LayoutError) -> Error {
+    Error::invalid("packed data", e.to_string(), "data matching its layout")
+}
+
+fn chip_family(stream: &Stream) -> Result<ChipFamily> {
+    Ok(ChipFamily::from_soc_name(&stream.device().soc_name()?))
+}
+
+fn weight_kind(dtype: DType) -> Result<WeightKind> {
+    match dtype {
+        DType::Int32 => Ok(WeightKind::Int4),
+        DType::Float => Ok(WeightKind::Fp4),
+        other => Err(Error::invalid("weight dtype", format!("{other:?}"), "DType::Int32 (int4 values) or DType::Float (FP4 values)")),
+    }
+}
+
+/// Bytes the operator writes for a weight view: it sizes the write from the weight, not from
+/// the packed tensor (`int4pack.md` 1.4).
+fn operator_write_bytes(weight: &TensorDesc, pack: &TensorDesc, family: ChipFamily) -> Option<u64> {
+    let elements = weight.view.iter().try_fold(1u64, |acc, d| acc.checked_mul(u64::try_from(*d).ok()?))?;
+    if pack.format != Format::FractalNz {
+        return Some(elements / 2);
+    }
+    let rank = weight.view.len();
+    let (kk, n) = (weight.view[rank - 2] as u64, weight.view[rank - 1] as u64);
+    let groups = if rank == 3 { weight.view[0] as u64 } else { 1 };
+    let c0 = family.nz_c0_bytes(pack.storage.last().copied().unwrap_or(0)) as u64;
+    let p = (n / 2).div_ceil(c0).checked_mul(kk.div_ceil(16))?.checked_mul(16 * c0)?;
+    groups.checked_mul(p)
+}
+
+/// Phase 1 of the operator on tensors the caller built, as a [`Plan`].
+///
+/// Before calling CANN it synchronizes the weight's stream (the operator copies with the
+/// synchronous `aclrtMemcpy` and ignores streams), and it refuses what would corrupt memory or
+/// data: a read-only `pack`, a view offset (ignored by the operator), a write larger than the
+/// pack's buffer, and unaligned 3D FRACTAL_NZ. Everything else is left to the operator's own
+/// checks, whose status code comes back as [`Error::Aclnn`].
+pub fn convert_weight_to_int4_pack_plan<'t>(weight: &'t Tensor<'_>, pack: &'t mut Tensor<'_>) -> Result<Plan<'t>> {
+    if !pack.is_writable() {
+        return Err(Error::invalid("weightInt4Pack", "the tensor is read-only", "a tensor made with Tensor::new_mut or Tensor::owned"));
+    }
+    if !Arc::ptr_eq(weight.stream().device(), pack.stream().device()) {
+        return Err(Error::invalid("weightInt4Pack", "it lives on another device than weight", "both tensors on one device"));
+    }
+    for (name, t) in [("weight", weight.desc()), ("weightInt4Pack", pack.desc())] {
+        if t.offset != 0 {
+            return Err(Error::invalid(
+                name,
+                format!("view offset {}: the operator ignores offsets and would use the base address", t.offset),
+                "offset 0 (make a buffer per tensor instead)",
+            ));
+        }
+    }
+    let family = chip_family(weight.stream())?;
+    let rank = weight.desc().view.len();
+    if pack.desc().format == Format::FractalNz && rank == 3 && weight.desc().view.iter().all(|d| *d > 0) {
+        // Same refusal as `PackLayout::new`, for hand-made descriptors.
+        let kind = weight_kind(weight.desc().dtype)?;
+        let container =
+            if matches!(pack.desc().dtype, DType::Int4 | DType::Float4E2M1) { Container::FourBit } else { Container::ThirtyTwoBit };
+        PackLayout::new(&weight.desc().view, kind, PackOptions { container, format: Format::FractalNz }, family)?;
+    }
+    if let Some(write) = operator_write_bytes(weight.desc(), pack.desc(), family) {
+        if write > pack.capacity_bytes() as u64 {
+            return Err(Error::invalid(
+                "weightInt4Pack",
+                format!("the operator writes {write} bytes for weight {:?} but the buffer holds {}", weight.desc().view, pack.capacity_bytes()),
+                format!("a buffer of at least {write} bytes"),
+            ));
+        }
+    }
+    weight.stream().synchronize()?;
+    let device = weight.stream().device().clone();
+    device.bind()?;
+    let api = device.api();
+    let phase1 = api.aclnnConvertWeightToINT4PackGetWorkspaceSize()?;
+    let phase2 = api.aclnnConvertWeightToINT4Pack()?;
+    // The operator never writes these; initialise them as the official example does.
+    let mut workspace_size = 0u64;
+    let mut executor: *mut sys::aclOpExecutor = std::ptr::null_mut();
+    // SAFETY: both descriptors are live for 't; `pack` is writable and its buffer holds every
+    // byte the operator writes (checked above); the out-pointers are valid.
+    let code = unsafe { phase1(weight.as_raw(), pack.as_raw(), &mut workspace_size, &mut executor) };
+    check_aclnn(api, "aclnnConvertWeightToINT4PackGetWorkspaceSize", code)?;
+    Ok(Plan::new("aclnnConvertWeightToINT4Pack", device, workspace_size, executor, phase2))
+}
+
+/// Packs a device weight through the operator into a new device tensor.
+///
+/// `weight` is a contiguous ND `int32` (int4 values) or `float32` (FP4 values) tensor of shape
+/// `(k, n)`, `(n, k)` or `(groups, k, n)`. The result lives on the weight's stream. Values are
+/// masked to 4 bits as CANN does (the device data is not inspected); use
+/// [`pack_int4_on_host`] to have them checked.
+pub fn convert_weight_to_int4_pack(weight: &Tensor<'_>, options: PackOptions) -> Result<PackedWeight> {
+    let desc = weight.desc();
+    let kind = weight_kind(desc.dtype)?;
+    if desc.format != Format::Nd {
+        return Err(Error::invalid("weight format", format!("{:?}", desc.format), "Format::Nd"));
+    }
+    if desc.strides != contiguous_strides(&desc.view) {
+        return Err(Error::invalid(
+            "weight strides",
+            format!("{:?} for shape {:?} is not contiguous", desc.strides, desc.view),
+            "a contiguous weight (pass a transposed weight as its own (n, k) tensor)",
+        ));
+    }
+    let stream = weight.stream().clone();
+    let layout = PackLayout::new(&desc.view, kind, options, chip_family(&stream)?)?;
+    let mut buffer = DeviceBuffer::<u8>::alloc(&stream, layout.bytes)?;
+    {
+        let mut pack = Tensor::new_mut(&mut buffer, layout.desc.clone())?;
+        let plan = convert_weight_to_int4_pack_plan(weight, &mut pack)?;
+        let mut workspace = Workspace::new(&stream);
+        plan.launch(&stream, &mut workspace)?;
+    }
+    Ok(PackedWeight { buffer, layout })
+}
+
+fn pack_error(e: PackError) -> Error {
+    match e {
+        PackError::OutOfRange { index, value } => {
+            Error::ValueOutOfRange { argument: "weights", index, value: value.to_string(), expected: "[-8, 7]" }
+        }
+        PackError::FloatOutOfRange { index, value } => Error::ValueOutOfRange {
+            argument: "weights",
+            index,
+            value: value.to_string(),
+            expected: "[-6.0, 6.0] (finite FP4 E2M1 values)",
+        },
+        PackError::Layout(l) => layout_error(l),
+    }
+}
+
+fn check_len(len: usize, layout: &PackLayout) -> Result<()> {
+    let expected = layout.weight_shape.iter().product::<i64>() as usize;
+    if len == expected {
+        Ok(())
+    } else {
+        Err(Error::invalid("weights", format!("{len} values"), format!("{expected} values for shape {:?}", layout.weight_shape)))
+    }
+}
+
+/// The host fast path for int4 weights: checks every value is in [-8, 7] (fused into the pack),
+/// packs and lays out on the host, and uploads only the packed bytes (1/8 of the input) to a
+/// new buffer on `stream`. Produces the same bytes as [`convert_weight_to_int4_pack`].
+pub fn pack_int4_on_host(stream: &Arc<Stream>, weights: &[i32], shape: &[i64], options: PackOptions) -> Result<PackedWeight> {
+    let layout = PackLayout::new(shape, WeightKind::Int4, options, chip_family(stream)?)?;
+    check_len(weights.len(), &layout)?;
+    let mut bytes = vec![0u8; layout.bytes];
+    match layout.nz {
+        Some(geom) => kernels::pack_int4_nz_checked(weights, geom, &mut bytes),
+        None => kernels::pack_int4_checked(weights, &mut bytes),
+    }
+    .map_err(pack_error)?;
+    Ok(PackedWeight { buffer: DeviceBuffer::from_host(stream, &bytes)?, layout })
+}
+
+/// The host fast path for FP4 weights (`f32` values carrying E2M1 numbers): rejects non-finite
+/// values and values beyond ±6, packs with the operator's truncating code table, uploads only
+/// the packed bytes. Produces the same bytes as [`convert_weight_to_int4_pack`].
+pub fn pack_fp4_on_host(stream: &Arc<Stream>, weights: &[f32], shape: &[i64], options: PackOptions) -> Result<PackedWeight> {
+    let layout = PackLayout::new(shape, WeightKind::Fp4, options, chip_family(stream)?)?;
+    check_len(weights.len(), &layout)?;
+    let mut bytes = vec![0u8; layout.bytes];
+    match layout.nz {
+        Some(geom) => kernels::pack_fp4_nz_checked(weights, geom, &mut bytes),
+        None => kernels::pack_fp4_checked(weights, &mut bytes),
+    }
+    .map_err(pack_error)?;
+    Ok(PackedWeight { buffer: DeviceBuffer::from_host(stream, &bytes)?, layout })
+}
+
+/// Packs on the host with the operator's exact semantics (masking, no range check, CANN's 3D NZ
+/// group offsets): the bytes CANN would produce for `weights`. For tests and comparisons.
+pub fn reference_pack_int4(weights: &[i32], layout: &PackLayout) -> Result<Vec<u8>> {
+    check_len(weights.len(), layout)?;
+    let mut nd = vec![0u8; weights.len() / 2];
+    kernels::pack_int4(weights, &mut nd).map_err(layout_error)?;
+    match layout.nz {
+        None => Ok(nd),
+        Some(geom) => {
+            let mut out = vec![0u8; geom.total_bytes()];
+            kernels::nd_to_nz(&nd, geom, GroupOffset::Unpadded, &mut out).map_err(layout_error)?;
+            Ok(out)
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! aclnn operators.
+
+pub mod int4pack;

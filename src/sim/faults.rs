@@ -1,0 +1,51 @@
+//! Fault injection: make the Nth call of a named C function fail with a chosen code.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+struct Fault {
+    /// Calls still to let through before failing.
+    skip: u64,
+    code: i32,
+}
+
+static FAULTS: Mutex<Option<HashMap<&'static str, Vec<Fault>>>> = Mutex::new(None);
+
+/// Makes call number `nth` (1 = the next call) of `api` return `code` without doing anything.
+/// Returns `false` (and arms nothing) if `api` is not a simulated function name or `nth` is 0.
+pub fn inject_fault(api: &str, nth: u64, code: i32) -> bool {
+    let Some(name) = aclnn_sys::FUNCTION_NAMES.iter().copied().find(|n| *n == api) else {
+        return false;
+    };
+    if nth == 0 {
+        return false;
+    }
+    let mut guard = FAULTS.lock().unwrap_or_else(|e| e.into_inner());
+    guard.get_or_insert_with(HashMap::new).entry(name).or_default().push(Fault { skip: nth - 1, code });
+    true
+}
+
+/// Disarms every injected fault.
+pub fn clear_faults() {
+    *FAULTS.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
+/// Called at the top of every simulated function: the code to fail with, if a fault fires now.
+pub(crate) fn check(api: &'static str) -> Option<i32> {
+    let mut guard = FAULTS.lock().unwrap_or_else(|e| e.into_inner());
+    let faults = guard.as_mut()?.get_mut(api)?;
+    let mut fired = None;
+    faults.retain_mut(|f| {
+        if f.skip == 0 {
+            if fired.is_none() {
+                fired = Some(f.code);
+                return false;
+            }
+            true
+        } else {
+            f.skip -= 1;
+            true
+        }
+    });
+    fired
+}

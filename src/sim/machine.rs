@@ -1,0 +1,501 @@
+//! The simulated machine: devices, device memory, contexts, streams, tensors and counters.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+
+use aclnn_sys as sys;
+
+use super::{SimConfig, SimError};
+
+/// First simulated device address. Above every user-space address on x86-64 and aarch64, so a
+/// host pointer can never be mistaken for device memory and vice versa.
+pub(crate) const DEVICE_BASE: u64 = 0x0100_0000_0000_0000;
+/// Address space per device.
+const DEVICE_SPAN: u64 = 1 << 44;
+/// Padding the runtime adds to every allocation before rounding (abi.md 5.6).
+const ALLOC_PADDING: u64 = 32;
+/// Allocation granularity and alignment.
+const ALLOC_ALIGN: u64 = 32;
+/// First context / stream handle; handles are never reused.
+const HANDLE_BASE: u64 = 0x5A00_0000;
+
+/// Bytes moved, per copy kind (both synchronous and stream-ordered copies).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyCounters {
+    /// Host to device bytes.
+    pub host_to_device: u64,
+    /// Device to host bytes.
+    pub device_to_host: u64,
+    /// Device to device bytes.
+    pub device_to_device: u64,
+    /// Host to host bytes.
+    pub host_to_host: u64,
+    /// Number of copy operations performed.
+    pub copies: u64,
+}
+
+/// Resources found alive when a device was reset, a context destroyed or ACL finalized.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeakReport {
+    /// What released them: e.g. `aclrtResetDevice(0)`.
+    pub at: String,
+    /// Device allocations still live (address, requested bytes).
+    pub allocations: Vec<(u64, u64)>,
+    /// Streams still live.
+    pub streams: usize,
+    /// Contexts created with `aclrtCreateContext` and not destroyed.
+    pub contexts: usize,
+    /// Tensor descriptors not destroyed (reported by `aclFinalize`).
+    pub tensors: usize,
+    /// Pinned host buffers not freed (reported by `aclFinalize`).
+    pub host_buffers: usize,
+}
+
+/// A snapshot of the machine, for tests and benchmarks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimStats {
+    /// Live device allocations.
+    pub live_allocations: usize,
+    /// Bytes of live device allocations, as requested.
+    pub live_bytes: u64,
+    /// Live streams created with `aclrtCreateStream`.
+    pub live_streams: usize,
+    /// Live user contexts.
+    pub live_contexts: usize,
+    /// Live tensor descriptors.
+    pub live_tensors: usize,
+    /// Live pinned host buffers.
+    pub live_host_buffers: usize,
+    /// Devices currently held by `aclrtSetDevice`.
+    pub devices_in_use: usize,
+    /// Bytes moved per copy kind since the last [`reset_counters`].
+    pub copies: CopyCounters,
+    /// Leak reports since the last [`take_reports`].
+    pub leaks: Vec<LeakReport>,
+    /// Misuse the real runtime would not report but that corrupts data (freeing memory that
+    /// queued work still touches, destroying a stream with pending work, ...).
+    pub violations: Vec<String>,
+}
+
+pub(crate) struct Allocation {
+    pub device: u32,
+    pub size: u64,
+    pub data: Vec<u8>,
+}
+
+pub(crate) struct Context {
+    pub device: u32,
+    pub user: bool,
+    pub default_stream: u64,
+}
+
+pub(crate) struct Stream {
+    pub context: u64,
+    pub device: u32,
+    pub user: bool,
+    pub queue: Vec<Task>,
+}
+
+/// Work queued on a stream; run by `aclrtSynchronizeStream`.
+pub(crate) enum Task {
+    Copy { dst: u64, src: u64, count: u64, kind: sys::aclrtMemcpyKind },
+}
+
+#[derive(Default)]
+pub(crate) struct Device {
+    pub set_count: u32,
+    pub used: u64,
+    pub next_offset: u64,
+    pub default_context: Option<u64>,
+}
+
+pub(crate) struct Machine {
+    pub config: SimConfig,
+    pub soc_cstr: &'static std::ffi::CStr,
+    pub initialized: bool,
+    pub devices: Vec<Device>,
+    pub allocations: BTreeMap<u64, Allocation>,
+    pub freed: BTreeMap<u64, u64>,
+    pub host_buffers: HashMap<usize, std::alloc::Layout>,
+    pub contexts: HashMap<u64, Context>,
+    pub streams: HashMap<u64, Stream>,
+    pub tensors: HashSet<usize>,
+    pub next_handle: u64,
+    pub counters: CopyCounters,
+    pub leaks: Vec<LeakReport>,
+    pub violations: Vec<String>,
+}
+
+static MACHINE: Mutex<Option<Machine>> = Mutex::new(None);
+
+/// SoC names handed out by `aclrtGetSocName` must outlive any reconfiguration: each distinct
+/// name is leaked once.
+fn intern(name: &str) -> &'static std::ffi::CStr {
+    static NAMES: Mutex<Vec<&'static std::ffi::CStr>> = Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = names.iter().find(|n| n.to_bytes() == name.as_bytes()) {
+        return n;
+    }
+    let c = std::ffi::CString::new(name.replace('\0', "")).unwrap_or_default();
+    let leaked: &'static std::ffi::CStr = Box::leak(c.into_boxed_c_str());
+    names.push(leaked);
+    leaked
+}
+
+thread_local! {
+    /// The calling thread's current context handle (0 = none).
+    static CURRENT: Cell<u64> = const { Cell::new(0) };
+}
+
+pub(crate) fn current_context() -> u64 {
+    CURRENT.with(|c| c.get())
+}
+
+pub(crate) fn set_current_context(handle: u64) {
+    CURRENT.with(|c| c.set(handle));
+}
+
+impl Machine {
+    fn new(config: SimConfig) -> Machine {
+        let soc_cstr = intern(&config.soc_name);
+        let devices = (0..config.device_count).map(|_| Device::default()).collect();
+        Machine {
+            config,
+            soc_cstr,
+            initialized: false,
+            devices,
+            allocations: BTreeMap::new(),
+            freed: BTreeMap::new(),
+            host_buffers: HashMap::new(),
+            contexts: HashMap::new(),
+            streams: HashMap::new(),
+            tensors: HashSet::new(),
+            next_handle: HANDLE_BASE,
+            counters: CopyCounters::default(),
+            leaks: Vec::new(),
+            violations: Vec::new(),
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.devices.iter().all(|d| d.set_count == 0)
+            && self.allocations.is_empty()
+            && self.streams.is_empty()
+            && self.contexts.is_empty()
+    }
+
+    pub fn new_handle(&mut self) -> u64 {
+        self.next_handle += 0x40;
+        self.next_handle
+    }
+
+    /// The thread's current context, if it is alive.
+    pub fn context(&self) -> Option<(u64, &Context)> {
+        let h = current_context();
+        self.contexts.get(&h).map(|c| (h, c))
+    }
+
+    /// Whether `addr` lies in the simulated device address space.
+    pub fn is_device_address(addr: u64) -> bool {
+        addr >= DEVICE_BASE
+    }
+
+    /// The live allocation containing `[addr, addr + len)`, with the offset of `addr` in it.
+    /// Accesses may reach into the allocation's padding, as on the real runtime.
+    pub fn locate(&self, addr: u64, len: u64) -> Result<(u64, u64), String> {
+        let Some((&base, alloc)) = self.allocations.range(..=addr).next_back() else {
+            return Err(self.describe_bad_address(addr));
+        };
+        let capacity = alloc.data.len() as u64;
+        if addr - base >= capacity {
+            return Err(self.describe_bad_address(addr));
+        }
+        let end = addr.checked_add(len).ok_or("address range overflows")?;
+        if end - base > capacity {
+            return Err(format!(
+                "access of {len} bytes at {addr:#x} overruns the allocation at {base:#x} \
+                 ({} bytes requested, {capacity} usable)",
+                alloc.size
+            ));
+        }
+        Ok((base, addr - base))
+    }
+
+    fn describe_bad_address(&self, addr: u64) -> String {
+        if let Some((&base, &size)) = self.freed.range(..=addr).next_back() {
+            if addr - base < size.max(1) + ALLOC_PADDING {
+                return format!("address {addr:#x} belongs to an allocation at {base:#x} that was already freed");
+            }
+        }
+        format!("address {addr:#x} is not inside any live device allocation")
+    }
+
+    pub fn bytes(&self, base: u64) -> &[u8] {
+        &self.allocations[&base].data
+    }
+
+    pub fn bytes_mut(&mut self, base: u64) -> &mut [u8] {
+        self.allocations.get_mut(&base).map_or(&mut [], |a| &mut a.data[..])
+    }
+
+    /// Allocates device memory on `device`; `Err(code)` on exhaustion.
+    pub fn allocate(&mut self, device: u32, size: u64, padded: bool) -> Result<u64, i32> {
+        let pad = if padded { ALLOC_PADDING } else { 0 };
+        let rounded = (size + pad).div_ceil(ALLOC_ALIGN) * ALLOC_ALIGN;
+        let dev = &mut self.devices[device as usize];
+        if dev.used + rounded > self.config.memory_per_device {
+            return Err(sys::ACL_ERROR_RT_MEMORY_ALLOCATION);
+        }
+        let addr = DEVICE_BASE + u64::from(device) * DEVICE_SPAN + dev.next_offset;
+        if dev.next_offset + rounded >= DEVICE_SPAN {
+            return Err(sys::ACL_ERROR_RT_MEMORY_ALLOCATION);
+        }
+        // Leave a gap so that an overrun never lands silently in the next allocation.
+        dev.next_offset += rounded + 4096 - rounded % 4096;
+        dev.used += rounded;
+        // Fresh device memory holds garbage on hardware; a fixed pattern makes reads of
+        // never-written memory visible in tests.
+        self.allocations.insert(addr, Allocation { device, size, data: vec![0xA5; rounded as usize] });
+        Ok(addr)
+    }
+
+    pub fn free(&mut self, addr: u64) -> Result<(), String> {
+        let Some(alloc) = self.allocations.remove(&addr) else {
+            return Err(self.describe_bad_address(addr));
+        };
+        self.devices[alloc.device as usize].used -= alloc.data.len() as u64;
+        self.freed.insert(addr, alloc.size);
+        for (handle, stream) in &self.streams {
+            if stream.queue.iter().any(|t| t.touches(addr, alloc.data.len() as u64)) {
+                self.violations.push(format!(
+                    "aclrtFree({addr:#x}) while stream {handle:#x} still has queued work using it \
+                     (synchronize the stream before freeing)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs (in order) and empties the queue of `stream`; the first failure is returned.
+    pub fn run_queue(&mut self, stream: u64) -> Result<(), String> {
+        let tasks = match self.streams.get_mut(&stream) {
+            Some(s) => std::mem::take(&mut s.queue),
+            None => return Ok(()),
+        };
+        let mut result = Ok(());
+        for task in tasks {
+            let r = match task {
+                // SAFETY: host pointers of queued copies were supplied to aclrtMemcpyAsync, whose
+                // contract (as on hardware) requires them to stay valid until the stream is
+                // synchronized.
+                Task::Copy { dst, src, count, kind } => unsafe { self.copy(dst, src, count, kind) },
+            };
+            if let Err(e) = r {
+                self.violations.push(format!("queued work on stream {stream:#x} failed: {e}"));
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+
+    /// Validates a copy without performing it.
+    pub fn check_copy(&self, dst: u64, src: u64, count: u64, kind: sys::aclrtMemcpyKind) -> Result<(), String> {
+        let (dst_dev, src_dev) = copy_sides(dst, src, kind)?;
+        if dst_dev {
+            self.locate(dst, count)?;
+        }
+        if src_dev {
+            self.locate(src, count)?;
+        }
+        Ok(())
+    }
+
+    /// Performs a checked copy.
+    ///
+    /// # Safety
+    /// Host sides must be valid for `count` bytes.
+    pub unsafe fn copy(&mut self, dst: u64, src: u64, count: u64, kind: sys::aclrtMemcpyKind) -> Result<(), String> {
+        self.check_copy(dst, src, count, kind)?;
+        let (dst_dev, src_dev) = copy_sides(dst, src, kind)?;
+        let n = count as usize;
+        match (dst_dev, src_dev) {
+            (true, false) => {
+                let (base, off) = self.locate(dst, count)?;
+                let off = off as usize;
+                // SAFETY: the caller guarantees `src` is readable for `count` bytes.
+                let from = unsafe { std::slice::from_raw_parts(src as usize as *const u8, n) };
+                self.bytes_mut(base)[off..off + n].copy_from_slice(from);
+                self.counters.host_to_device += count;
+            }
+            (false, true) => {
+                let (base, off) = self.locate(src, count)?;
+                let off = off as usize;
+                // SAFETY: the caller guarantees `dst` is writable for `count` bytes.
+                let to = unsafe { std::slice::from_raw_parts_mut(dst as usize as *mut u8, n) };
+                to.copy_from_slice(&self.bytes(base)[off..off + n]);
+                self.counters.device_to_host += count;
+            }
+            (true, true) => {
+                let (sb, so) = self.locate(src, count)?;
+                let (db, doff) = self.locate(dst, count)?;
+                let chunk = self.bytes(sb)[so as usize..so as usize + n].to_vec();
+                self.bytes_mut(db)[doff as usize..doff as usize + n].copy_from_slice(&chunk);
+                self.counters.device_to_device += count;
+            }
+            (false, false) => {
+                // SAFETY: the caller guarantees both host ranges are valid; `copy` allows overlap.
+                unsafe { std::ptr::copy(src as usize as *const u8, dst as usize as *mut u8, n) };
+                self.counters.host_to_host += count;
+            }
+        }
+        self.counters.copies += 1;
+        Ok(())
+    }
+
+    pub fn memset(&mut self, dst: u64, value: u8, count: u64) -> Result<(), String> {
+        if !Self::is_device_address(dst) {
+            return Err(format!("aclrtMemset target {dst:#x} is not device memory"));
+        }
+        let (base, off) = self.locate(dst, count)?;
+        self.bytes_mut(base)[off as usize..(off + count) as usize].fill(value);
+        Ok(())
+    }
+
+    /// Releases everything on `device` and reports what was still alive.
+    pub fn reset_device(&mut self, device: u32, at: String) {
+        let mut report = LeakReport {
+            at,
+            allocations: Vec::new(),
+            streams: 0,
+            contexts: 0,
+            tensors: 0,
+            host_buffers: 0,
+        };
+        let streams: Vec<u64> = self.streams.iter().filter(|(_, s)| s.device == device).map(|(h, _)| *h).collect();
+        for h in streams {
+            let s = self.streams.remove(&h).expect("listed above");
+            if s.user {
+                report.streams += 1;
+            }
+        }
+        let contexts: Vec<u64> = self.contexts.iter().filter(|(_, c)| c.device == device).map(|(h, _)| *h).collect();
+        for h in contexts {
+            let c = self.contexts.remove(&h).expect("listed above");
+            if c.user {
+                report.contexts += 1;
+            }
+        }
+        let allocs: Vec<u64> =
+            self.allocations.iter().filter(|(_, a)| a.device == device).map(|(addr, _)| *addr).collect();
+        for addr in allocs {
+            let a = self.allocations.remove(&addr).expect("listed above");
+            report.allocations.push((addr, a.size));
+            self.freed.insert(addr, a.size);
+        }
+        let dev = &mut self.devices[device as usize];
+        dev.used = 0;
+        dev.default_context = None;
+        dev.set_count = 0;
+        if !report.allocations.is_empty() || report.streams > 0 || report.contexts > 0 {
+            self.leaks.push(report);
+        }
+    }
+}
+
+impl Task {
+    fn touches(&self, base: u64, len: u64) -> bool {
+        let within = |a: u64| a >= base && a < base + len;
+        let Task::Copy { dst, src, .. } = *self;
+        within(dst) || within(src)
+    }
+}
+
+/// Which sides of a copy are device memory, checked against the copy kind.
+fn copy_sides(dst: u64, src: u64, kind: sys::aclrtMemcpyKind) -> Result<(bool, bool), String> {
+    let (dd, sd) = (Machine::is_device_address(dst), Machine::is_device_address(src));
+    let expected = match kind {
+        sys::ACL_MEMCPY_HOST_TO_HOST => (false, false),
+        sys::ACL_MEMCPY_HOST_TO_DEVICE => (true, false),
+        sys::ACL_MEMCPY_DEVICE_TO_HOST => (false, true),
+        sys::ACL_MEMCPY_DEVICE_TO_DEVICE => (true, true),
+        sys::ACL_MEMCPY_DEFAULT => (dd, sd),
+        other => return Err(format!("copy kind {other} is not supported")),
+    };
+    if expected != (dd, sd) {
+        let side = |d: bool| if d { "device" } else { "host" };
+        return Err(format!(
+            "copy kind {kind} expects a {} destination and a {} source, but dst {dst:#x} is {} \
+             memory and src {src:#x} is {} memory",
+            side(expected.0),
+            side(expected.1),
+            side(dd),
+            side(sd)
+        ));
+    }
+    Ok(expected)
+}
+
+/// Locks the machine (creating it with the default configuration on first use).
+pub(crate) fn lock() -> MutexGuard<'static, Option<Machine>> {
+    let mut guard = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    if guard.is_none() {
+        *guard = Some(Machine::new(SimConfig::default()));
+    }
+    guard
+}
+
+/// Runs `f` on the locked machine.
+pub(crate) fn with<R>(f: impl FnOnce(&mut Machine) -> R) -> R {
+    let mut guard = lock();
+    f(guard.as_mut().expect("created by lock()"))
+}
+
+pub(crate) fn configure(config: SimConfig) -> Result<(), SimError> {
+    with(|m| {
+        if m.config == config {
+            return Ok(());
+        }
+        if !m.is_idle() {
+            return Err(SimError::Busy { current: format!("{:?}", m.config) });
+        }
+        let initialized = m.initialized;
+        let keep = (std::mem::take(&mut m.leaks), std::mem::take(&mut m.violations), m.counters);
+        let tensors = std::mem::take(&mut m.tensors);
+        let host = std::mem::take(&mut m.host_buffers);
+        *m = Machine::new(config);
+        m.initialized = initialized;
+        (m.leaks, m.violations, m.counters) = keep;
+        m.tensors = tensors;
+        m.host_buffers = host;
+        Ok(())
+    })
+}
+
+/// A snapshot of the simulated machine.
+pub fn stats() -> SimStats {
+    with(|m| SimStats {
+        live_allocations: m.allocations.len(),
+        live_bytes: m.allocations.values().map(|a| a.size).sum(),
+        live_streams: m.streams.values().filter(|s| s.user).count(),
+        live_contexts: m.contexts.values().filter(|c| c.user).count(),
+        live_tensors: m.tensors.len(),
+        live_host_buffers: m.host_buffers.len(),
+        devices_in_use: m.devices.iter().filter(|d| d.set_count > 0).count(),
+        copies: m.counters,
+        leaks: m.leaks.clone(),
+        violations: m.violations.clone(),
+    })
+}
+
+/// Returns and clears the leak reports and violations recorded so far.
+pub fn take_reports() -> (Vec<LeakReport>, Vec<String>) {
+    with(|m| (std::mem::take(&mut m.leaks), std::mem::take(&mut m.violations)))
+}
+
+/// Zeroes the copy counters.
+pub fn reset_counters() {
+    with(|m| m.counters = CopyCounters::default());
+}

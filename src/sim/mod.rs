@@ -1,0 +1,100 @@
+//! A simulated Ascend device that implements the C-level function table in Rust.
+//!
+//! The simulator is a backend like the real CANN libraries: it fills an
+//! [`aclnn_sys::FunctionTable`] with `extern "C"` functions that behave like ACL (device memory
+//! that is not host memory, checked copies with the real status codes, per-thread current
+//! context, streams that run queued work only when synchronized, leak reports) and like the
+//! aclnn operators (same check order, status codes and bytes). The safe layer cannot tell it from
+//! real hardware; tests use the inspection functions here ([`stats`], [`inject_fault`], ...) to
+//! assert what happened underneath.
+//!
+//! The simulated machine is process-wide, like a real driver. [`install`] (re)configures it while
+//! it is idle and returns its function table.
+
+mod errmsg;
+mod faults;
+mod int4pack;
+mod machine;
+mod runtime;
+mod tensor;
+
+use aclnn_sys::FunctionTable;
+
+pub use faults::{clear_faults, inject_fault};
+pub use machine::{CopyCounters, LeakReport, SimStats, reset_counters, stats, take_reports};
+
+/// SoC name of an Atlas A2 part (Ascend 910B, NZ C0 = 32 bytes).
+pub const SOC_A2: &str = "Ascend910B3";
+/// SoC name of an Atlas A3 part (Ascend 910_93, same rules as A2).
+pub const SOC_A3: &str = "Ascend910_9391";
+/// SoC name of an Ascend 950 part (arch DAV_3510, NZ C0 = 16 or 8 bytes).
+pub const SOC_950: &str = "Ascend950PR_9599";
+
+/// How the simulated machine looks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimConfig {
+    /// Number of devices (`aclrtGetDeviceCount`).
+    pub device_count: u32,
+    /// Device memory per device in bytes; allocations beyond it fail with the real
+    /// out-of-memory code (207001).
+    pub memory_per_device: u64,
+    /// SoC name reported by `aclrtGetSocName`; selects the operator's chip-dependent rules.
+    pub soc_name: String,
+}
+
+impl Default for SimConfig {
+    /// Two Atlas A2 devices with 64 GiB each.
+    fn default() -> Self {
+        SimConfig { device_count: 2, memory_per_device: 64 << 30, soc_name: SOC_A2.to_string() }
+    }
+}
+
+impl SimConfig {
+    /// The default machine with another SoC name.
+    pub fn with_soc(soc_name: &str) -> SimConfig {
+        SimConfig { soc_name: soc_name.to_string(), ..SimConfig::default() }
+    }
+}
+
+/// Why the simulator could not be configured.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimError {
+    /// Another configuration is in use and still has live devices or memory.
+    #[error(
+        "the simulated machine is in use with another configuration ({current}); \
+         release its devices first or request the same configuration"
+    )]
+    Busy {
+        /// Description of the configuration in use.
+        current: String,
+    },
+    /// The configuration cannot describe a machine.
+    #[error("invalid simulator configuration: {0}")]
+    Invalid(String),
+}
+
+/// Configures the simulated machine (when idle, or when `config` equals the one in use) and
+/// returns its function table.
+pub fn install(config: SimConfig) -> Result<FunctionTable, SimError> {
+    if config.device_count == 0 || config.device_count > 64 {
+        return Err(SimError::Invalid(format!(
+            "device_count is {}, expected 1 to 64",
+            config.device_count
+        )));
+    }
+    if config.soc_name.is_empty() || config.soc_name.contains('\0') {
+        return Err(SimError::Invalid("soc_name must be a non-empty C string".into()));
+    }
+    machine::configure(config)?;
+    Ok(table())
+}
+
+/// The simulator's function table (with whatever configuration is current).
+pub fn table() -> FunctionTable {
+    let mut t = FunctionTable::default();
+    runtime::fill(&mut t);
+    tensor::fill(&mut t);
+    int4pack::fill(&mut t);
+    t
+}

@@ -1,0 +1,193 @@
+//! Simulated nnopbase: tensor descriptors (`aclCreateTensor`, `aclInitTensor`,
+//! `aclDestroyTensor`) and executors.
+
+use std::ffi::c_void;
+
+use aclnn_sys::{self as sys, FunctionTable, aclTensor, aclnnStatus};
+
+use super::machine;
+use super::runtime::entry;
+use super::{errmsg, faults};
+
+/// Largest rank a descriptor may have (larger requests fail like an allocation failure).
+const MAX_RANK: u64 = 64;
+
+/// What a simulated `aclTensor` holds.
+#[derive(Clone, Debug)]
+pub(crate) struct SimTensor {
+    pub view: Vec<i64>,
+    pub strides: Vec<i64>,
+    #[allow(dead_code)] // stored like nnopbase does; the operators here ignore it
+    pub offset: i64,
+    pub dtype: sys::aclDataType,
+    pub format: sys::aclFormat,
+    pub storage: Vec<i64>,
+    pub data: u64,
+    /// The "original shape" nnopbase keeps; the int4 pack operator overwrites it for NZ.
+    pub original: Vec<i64>,
+}
+
+pub(super) fn fill(t: &mut FunctionTable) {
+    t.aclCreateTensor = Some(create_tensor);
+    t.aclInitTensor = Some(init_tensor);
+    t.aclDestroyTensor = Some(destroy_tensor);
+    t.aclDestroyAclOpExecutor = Some(destroy_executor);
+}
+
+/// Row-major strides of `dims`.
+pub(crate) fn contiguous_strides(dims: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1i64; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1].saturating_mul(dims[i + 1]);
+    }
+    strides
+}
+
+/// Reads `n` i64 values from a C array; `None` if the pointer is null but `n > 0`.
+///
+/// # Safety
+/// A non-null `ptr` must be valid for `n` reads.
+unsafe fn read_dims(ptr: *const i64, n: u64) -> Option<Vec<i64>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: non-null and, by the caller's contract, valid for `n` elements.
+    Some(unsafe { std::slice::from_raw_parts(ptr, n as usize) }.to_vec())
+}
+
+/// Builds a descriptor from C arguments, as `aclCreateTensor` and `aclInitTensor` read them.
+///
+/// # Safety
+/// Array pointers must be valid for their counts.
+#[allow(clippy::too_many_arguments)]
+unsafe fn describe(
+    view_dims: *const i64,
+    view_num: u64,
+    dtype: sys::aclDataType,
+    stride: *const i64,
+    offset: i64,
+    format: sys::aclFormat,
+    storage_dims: *const i64,
+    storage_num: u64,
+    data: *mut c_void,
+) -> Option<SimTensor> {
+    if view_num > MAX_RANK || storage_num > MAX_RANK {
+        return None;
+    }
+    // SAFETY: forwarded caller contract.
+    let view = unsafe { read_dims(view_dims, view_num) }?;
+    // SAFETY: forwarded caller contract.
+    let storage = unsafe { read_dims(storage_dims, storage_num) }?;
+    let strides = if stride.is_null() {
+        contiguous_strides(&view)
+    } else {
+        // SAFETY: forwarded caller contract (a stride per view dim).
+        unsafe { read_dims(stride, view_num) }?
+    };
+    Some(SimTensor { original: storage.clone(), view, strides, offset, dtype, format, storage, data: data as usize as u64 })
+}
+
+unsafe extern "C" fn create_tensor(
+    view_dims: *const i64,
+    view_num: u64,
+    dtype: sys::aclDataType,
+    stride: *const i64,
+    offset: i64,
+    format: sys::aclFormat,
+    storage_dims: *const i64,
+    storage_num: u64,
+    data: *mut c_void,
+) -> *mut aclTensor {
+    if faults::check("aclCreateTensor").is_some() {
+        errmsg::aclnn_inner("aclCreateTensor failed: fault injected by the simulator");
+        return std::ptr::null_mut();
+    }
+    let built = std::panic::catch_unwind(|| {
+        // SAFETY: the caller passes arrays valid for their counts, as aclCreateTensor requires.
+        unsafe { describe(view_dims, view_num, dtype, stride, offset, format, storage_dims, storage_num, data) }
+    });
+    let Ok(Some(tensor)) = built else {
+        errmsg::aclnn_param("aclCreateTensor: viewDims or storageDims is null with a non-zero count");
+        return std::ptr::null_mut();
+    };
+    let ptr = Box::into_raw(Box::new(tensor));
+    machine::with(|m| m.tensors.insert(ptr as usize));
+    ptr.cast()
+}
+
+/// Runs `f` on a live simulated tensor; `None` if `ptr` is not one (never dereferenced then).
+pub(crate) fn with_tensor<R>(ptr: *const aclTensor, f: impl FnOnce(&mut SimTensor) -> R) -> Option<R> {
+    let live = machine::with(|m| m.tensors.contains(&(ptr as usize)));
+    if !live {
+        return None;
+    }
+    // SAFETY: `ptr` is in the live registry, so it came from `Box::into_raw` in
+    // `create_tensor` and has not been destroyed; descriptors are not shared across threads
+    // while an operator runs on them (the C API's contract).
+    Some(f(unsafe { &mut *(ptr as *mut SimTensor) }))
+}
+
+unsafe extern "C" fn init_tensor(
+    tensor: *mut aclTensor,
+    view_dims: *const i64,
+    view_num: u64,
+    dtype: sys::aclDataType,
+    stride: *const i64,
+    offset: i64,
+    format: sys::aclFormat,
+    storage_dims: *const i64,
+    storage_num: u64,
+    data: *mut c_void,
+) -> aclnnStatus {
+    entry!("aclInitTensor", {
+        if tensor.is_null() {
+            errmsg::aclnn_param("Expected a proper Tensor but got null for argument tensor.");
+            return sys::ACLNN_ERR_PARAM_NULLPTR;
+        }
+        // SAFETY: the caller passes arrays valid for their counts.
+        let Some(new) = (unsafe {
+            describe(view_dims, view_num, dtype, stride, offset, format, storage_dims, storage_num, data)
+        }) else {
+            errmsg::aclnn_param("aclInitTensor: viewDims or storageDims is null with a non-zero count");
+            return sys::ACLNN_ERR_PARAM_NULLPTR;
+        };
+        match with_tensor(tensor, |t| *t = new) {
+            Some(()) => sys::ACLNN_SUCCESS,
+            None => {
+                errmsg::aclnn_param("aclInitTensor: the tensor is not a live descriptor");
+                sys::ACLNN_ERR_PARAM_INVALID
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn destroy_tensor(tensor: *const aclTensor) -> aclnnStatus {
+    entry!("aclDestroyTensor", {
+        if tensor.is_null() {
+            return sys::ACLNN_SUCCESS;
+        }
+        if !machine::with(|m| m.tensors.remove(&(tensor as usize))) {
+            errmsg::aclnn_param("aclDestroyTensor: the tensor is not a live descriptor (double destroy?)");
+            return sys::ACLNN_ERR_PARAM_INVALID;
+        }
+        // SAFETY: it was live (now removed from the registry), so it came from
+        // `Box::into_raw` and is dropped exactly once.
+        drop(unsafe { Box::from_raw(tensor as *mut SimTensor) });
+        sys::ACLNN_SUCCESS
+    })
+}
+
+unsafe extern "C" fn destroy_executor(executor: *mut sys::aclOpExecutor) -> aclnnStatus {
+    entry!("aclDestroyAclOpExecutor", {
+        // The simulated operators never hand out executors, so any non-null one is foreign.
+        if executor.is_null() {
+            errmsg::aclnn_param("Expected a proper executor but got null.");
+            return sys::ACLNN_ERR_PARAM_NULLPTR;
+        }
+        errmsg::aclnn_param("aclDestroyAclOpExecutor: not an executor created by this library");
+        sys::ACLNN_ERR_PARAM_INVALID
+    })
+}

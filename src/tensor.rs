@@ -1,0 +1,370 @@
+//! Tensor descriptors (`aclTensor`): dtype, format, view shape, strides, offset, storage shape,
+//! and the device memory they describe.
+
+use std::any::Any;
+use std::fmt;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use aclnn_sys as sys;
+
+use crate::error::{Error, Result};
+use crate::memory::{DeviceBuffer, DeviceRepr};
+use crate::stream::Stream;
+
+/// Largest rank accepted (aclnn operators use at most 8 dims).
+pub const MAX_RANK: usize = 8;
+
+/// Element types (`aclDataType`). Only the ones this crate's operators use are named; any other
+/// raw value can be carried by [`DType::Other`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DType {
+    /// 32-bit float (`ACL_FLOAT`).
+    Float,
+    /// IEEE half (`ACL_FLOAT16`).
+    Float16,
+    /// bfloat16 (`ACL_BF16`).
+    BFloat16,
+    /// `ACL_INT8`.
+    Int8,
+    /// `ACL_UINT8`.
+    UInt8,
+    /// `ACL_INT32`.
+    Int32,
+    /// `ACL_INT64`.
+    Int64,
+    /// `ACL_UINT64`.
+    UInt64,
+    /// Signed 4-bit integer, two per byte, low nibble first (`ACL_INT4`).
+    Int4,
+    /// FP4 E2M1, two per byte, low nibble first (`ACL_FLOAT4_E2M1`).
+    Float4E2M1,
+    /// FP8 E8M0 scales (`ACL_FLOAT8_E8M0`).
+    Float8E8M0,
+    /// Any other raw `aclDataType` value.
+    Other(i32),
+}
+
+impl DType {
+    /// The raw `aclDataType`.
+    pub fn raw(self) -> sys::aclDataType {
+        match self {
+            DType::Float => sys::ACL_FLOAT,
+            DType::Float16 => sys::ACL_FLOAT16,
+            DType::BFloat16 => sys::ACL_BF16,
+            DType::Int8 => sys::ACL_INT8,
+            DType::UInt8 => sys::ACL_UINT8,
+            DType::Int32 => sys::ACL_INT32,
+            DType::Int64 => sys::ACL_INT64,
+            DType::UInt64 => sys::ACL_UINT64,
+            DType::Int4 => sys::ACL_INT4,
+            DType::Float4E2M1 => sys::ACL_FLOAT4_E2M1,
+            DType::Float8E8M0 => sys::ACL_FLOAT8_E8M0,
+            DType::Other(v) => v,
+        }
+    }
+
+    /// Bits per element (4 for the packed 4-bit types); `None` for unknown types.
+    pub fn bits(self) -> Option<u64> {
+        Some(match self {
+            DType::Int4 | DType::Float4E2M1 => 4,
+            DType::Int8 | DType::UInt8 | DType::Float8E8M0 => 8,
+            DType::Float16 | DType::BFloat16 => 16,
+            DType::Float | DType::Int32 => 32,
+            DType::Int64 | DType::UInt64 => 64,
+            DType::Other(_) => return None,
+        })
+    }
+}
+
+/// Memory layouts (`aclFormat`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Format {
+    /// Plain row-major N-dimensional (`ACL_FORMAT_ND`).
+    Nd,
+    /// `ACL_FORMAT_NCHW`.
+    Nchw,
+    /// `ACL_FORMAT_NHWC`.
+    Nhwc,
+    /// The cube unit's fractal layout (`ACL_FORMAT_FRACTAL_NZ`): storage `(N1, K1, 16, C0)`.
+    FractalNz,
+    /// Any other raw `aclFormat` value.
+    Other(i32),
+}
+
+impl Format {
+    /// The raw `aclFormat`.
+    pub fn raw(self) -> sys::aclFormat {
+        match self {
+            Format::Nd => sys::ACL_FORMAT_ND,
+            Format::Nchw => sys::ACL_FORMAT_NCHW,
+            Format::Nhwc => sys::ACL_FORMAT_NHWC,
+            Format::FractalNz => sys::ACL_FORMAT_FRACTAL_NZ,
+            Format::Other(v) => v,
+        }
+    }
+}
+
+/// Everything `aclCreateTensor` needs except the address. Strides and offset count elements.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorDesc {
+    /// Element type.
+    pub dtype: DType,
+    /// Layout (both view and storage format).
+    pub format: Format,
+    /// View shape.
+    pub view: Vec<i64>,
+    /// View strides, one per view dim.
+    pub strides: Vec<i64>,
+    /// View offset.
+    pub offset: i64,
+    /// Storage shape (what the memory holds).
+    pub storage: Vec<i64>,
+}
+
+/// Row-major strides of `dims`.
+pub fn contiguous_strides(dims: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1i64; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1].saturating_mul(dims[i + 1]);
+    }
+    strides
+}
+
+impl TensorDesc {
+    /// A contiguous ND tensor of shape `dims`.
+    pub fn nd(dtype: DType, dims: &[i64]) -> TensorDesc {
+        TensorDesc {
+            dtype,
+            format: Format::Nd,
+            view: dims.to_vec(),
+            strides: contiguous_strides(dims),
+            offset: 0,
+            storage: dims.to_vec(),
+        }
+    }
+
+    /// A FRACTAL_NZ tensor with view `view` and storage shape `storage`.
+    pub fn nz(dtype: DType, view: &[i64], storage: &[i64]) -> TensorDesc {
+        TensorDesc {
+            dtype,
+            format: Format::FractalNz,
+            view: view.to_vec(),
+            strides: contiguous_strides(view),
+            offset: 0,
+            storage: storage.to_vec(),
+        }
+    }
+
+    /// The same description with other strides (e.g. a transposed view).
+    pub fn with_strides(mut self, strides: &[i64]) -> TensorDesc {
+        self.strides = strides.to_vec();
+        self
+    }
+
+    /// Number of view elements.
+    pub fn view_elements(&self) -> i64 {
+        self.view.iter().product()
+    }
+
+    /// Bytes the storage shape covers (4-bit types round up to whole bytes), after checking
+    /// that the description is well formed.
+    pub fn storage_bytes(&self) -> Result<u64> {
+        self.validate()?;
+        let bits = self.dtype.bits().ok_or_else(|| {
+            Error::invalid("tensor dtype", format!("{:?} has no known element size", self.dtype), "a named DType")
+        })?;
+        let elements = self.storage.iter().try_fold(1u64, |acc, d| acc.checked_mul(*d as u64));
+        elements
+            .and_then(|e| e.checked_mul(bits))
+            .map(|b| b.div_ceil(8))
+            .filter(|b| *b <= isize::MAX as u64)
+            .ok_or_else(|| Error::invalid("tensor storage shape", format!("{:?} overflows", self.storage), "a size below isize::MAX bytes"))
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (what, dims) in [("tensor view shape", &self.view), ("tensor storage shape", &self.storage)] {
+            if dims.len() > MAX_RANK {
+                return Err(Error::invalid(what, format!("{} dims", dims.len()), format!("at most {MAX_RANK} dims")));
+            }
+            if let Some(d) = dims.iter().find(|d| **d < 0) {
+                return Err(Error::invalid(what, format!("{dims:?} has the negative dim {d}"), "dims >= 0"));
+            }
+        }
+        if self.strides.len() != self.view.len() {
+            return Err(Error::invalid(
+                "tensor strides",
+                format!("{} strides for {} view dims", self.strides.len(), self.view.len()),
+                "one stride per view dim",
+            ));
+        }
+        if let Some(s) = self.strides.iter().find(|s| **s < 0) {
+            return Err(Error::invalid("tensor strides", format!("negative stride {s}"), "strides >= 0"));
+        }
+        if self.offset < 0 {
+            return Err(Error::invalid("tensor offset", format!("{}", self.offset), "an offset >= 0"));
+        }
+        // For plain layouts, every element the view can reach must lie inside the storage.
+        if self.format != Format::FractalNz && self.view.iter().all(|d| *d > 0) {
+            let last = self.view.iter().zip(&self.strides).try_fold(self.offset as u64, |acc, (d, s)| {
+                (*d as u64 - 1).checked_mul(*s as u64).and_then(|x| acc.checked_add(x))
+            });
+            let storage_elements = self.storage.iter().try_fold(1u64, |acc, d| acc.checked_mul(*d as u64));
+            match (last, storage_elements) {
+                (Some(l), Some(n)) if l < n => {}
+                _ => {
+                    return Err(Error::invalid(
+                        "tensor view",
+                        format!(
+                            "view {:?} with strides {:?} and offset {} reaches beyond storage {:?}",
+                            self.view, self.strides, self.offset, self.storage
+                        ),
+                        "a view inside the storage shape",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A live `aclTensor` describing device memory it borrows (`'a`) or owns.
+///
+/// Construction checks that the storage shape fits in the buffer, so an operator writing the
+/// described storage can never overrun it. Writable tensors come from `&mut` buffers or owned
+/// ones. Dropping it calls `aclDestroyTensor` (never frees the memory it borrows).
+pub struct Tensor<'a> {
+    raw: NonNull<sys::aclTensor>,
+    desc: TensorDesc,
+    stream: Arc<Stream>,
+    capacity: usize,
+    writable: bool,
+    owned: Option<Box<dyn Any + Send + Sync>>,
+    _borrow: PhantomData<&'a ()>,
+}
+
+// SAFETY: the descriptor is a heap object of nnopbase that is not tied to a thread; `Tensor`
+// only hands it to operator calls, which take it by pointer.
+unsafe impl Send for Tensor<'_> {}
+// SAFETY: `&Tensor` exposes only reads of the Rust-side description and the raw pointer.
+unsafe impl Sync for Tensor<'_> {}
+
+impl<'a> Tensor<'a> {
+    /// A read-only tensor over `buffer`.
+    pub fn new<T: DeviceRepr>(buffer: &'a DeviceBuffer<T>, desc: TensorDesc) -> Result<Tensor<'a>> {
+        Self::create(buffer, desc, false)
+    }
+
+    /// A writable tensor over `buffer` (operator outputs).
+    pub fn new_mut<T: DeviceRepr>(buffer: &'a mut DeviceBuffer<T>, desc: TensorDesc) -> Result<Tensor<'a>> {
+        Self::create(buffer, desc, true)
+    }
+
+    fn create<T: DeviceRepr>(
+        buffer: &DeviceBuffer<T>,
+        desc: TensorDesc,
+        writable: bool,
+    ) -> Result<Tensor<'a>> {
+        let needed = desc.storage_bytes()?;
+        if needed > buffer.byte_len() as u64 {
+            return Err(Error::invalid(
+                "tensor storage",
+                format!("{:?} {:?} needs {needed} bytes but the buffer holds {}", desc.dtype, desc.storage, buffer.byte_len()),
+                "a buffer at least as large as the storage shape",
+            ));
+        }
+        let device = buffer.device();
+        device.bind()?;
+        let api = device.api();
+        let f = api.aclCreateTensor()?;
+        // SAFETY: the arrays live for the call and their lengths are passed with them; the
+        // address is a live device allocation (or null for an empty one) holding the storage.
+        let raw = unsafe {
+            f(
+                desc.view.as_ptr(),
+                desc.view.len() as u64,
+                desc.dtype.raw(),
+                desc.strides.as_ptr(),
+                desc.offset,
+                desc.format.raw(),
+                desc.storage.as_ptr(),
+                desc.storage.len() as u64,
+                buffer.as_raw(),
+            )
+        };
+        let raw = NonNull::new(raw).ok_or_else(|| Error::NullHandle {
+            api: "aclCreateTensor",
+            message: crate::error::recent_message(api),
+        })?;
+        Ok(Tensor {
+            raw,
+            desc,
+            stream: buffer.stream().clone(),
+            capacity: buffer.byte_len(),
+            writable,
+            owned: None,
+            _borrow: PhantomData,
+        })
+    }
+
+    /// The description this tensor was made from.
+    pub fn desc(&self) -> &TensorDesc {
+        &self.desc
+    }
+
+    /// The stream that owns the described memory (the one that produced its contents).
+    pub fn stream(&self) -> &Arc<Stream> {
+        &self.stream
+    }
+
+    /// Bytes of device memory behind the tensor (the whole buffer it was made from).
+    pub fn capacity_bytes(&self) -> usize {
+        self.capacity
+    }
+
+    /// Whether operators may write through this tensor.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The raw descriptor, for calls this crate does not wrap.
+    pub fn as_raw(&self) -> *mut sys::aclTensor {
+        self.raw.as_ptr()
+    }
+}
+
+impl Tensor<'static> {
+    /// A writable tensor that owns `buffer`; [`Tensor::into_buffer`] gives it back.
+    pub fn owned<T: DeviceRepr>(buffer: DeviceBuffer<T>, desc: TensorDesc) -> Result<Tensor<'static>> {
+        let boxed: Box<DeviceBuffer<T>> = Box::new(buffer);
+        let mut tensor = Self::create(&*boxed, desc, true)?;
+        tensor.owned = Some(boxed);
+        Ok(tensor)
+    }
+
+    /// Destroys the descriptor and returns the owned buffer (`None` if it borrowed, or if `T`
+    /// is not the buffer's element type).
+    pub fn into_buffer<T: DeviceRepr>(mut self) -> Option<DeviceBuffer<T>> {
+        self.owned.take().and_then(|b| b.downcast::<DeviceBuffer<T>>().ok()).map(|b| *b)
+    }
+}
+
+impl Drop for Tensor<'_> {
+    fn drop(&mut self) {
+        let api = self.stream.device().api();
+        if let Ok(f) = api.aclDestroyTensor() {
+            // SAFETY: created by aclCreateTensor in `create`, destroyed exactly once.
+            let _ = unsafe { f(self.raw.as_ptr()) };
+        }
+        // `owned` (if any) drops after the descriptor, freeing the memory last.
+    }
+}
+
+impl fmt::Debug for Tensor<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tensor").field("desc", &self.desc).field("writable", &self.writable).finish()
+    }
+}

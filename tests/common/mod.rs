@@ -1,0 +1,75 @@
+//! Shared set-up for behaviour tests: the backend comes from `ACLNN_BACKEND` (default `sim`),
+//! so the same test bodies run on the simulated device and on a real NPU host.
+#![allow(dead_code)]
+
+use std::sync::{Mutex, MutexGuard};
+
+use aclnn::{Backend, Runtime};
+
+/// The simulated machine is process-wide (like a driver): tests that check its counters or
+/// reconfigure it run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// `true` when the tests run on the simulator.
+pub fn on_sim() -> bool {
+    !matches!(std::env::var("ACLNN_BACKEND").as_deref(), Ok("cann"))
+}
+
+/// A test's hold on the backend: serialises tests and, on the simulator, checks at the end that
+/// nothing leaked and no misuse was recorded.
+pub struct Harness {
+    pub runtime: Runtime,
+    _guard: MutexGuard<'static, ()>,
+}
+
+/// The backend of this run, with the simulator (if used) configured for `soc`.
+pub fn harness_with_soc(soc: &str) -> Harness {
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let backend = if on_sim() { sim_backend(soc) } else { Backend::cann() };
+    let runtime = Runtime::new(backend).expect("runtime");
+    #[cfg(feature = "sim")]
+    if on_sim() {
+        aclnn::sim::clear_faults();
+        let _ = aclnn::sim::take_reports();
+    }
+    Harness { runtime, _guard: guard }
+}
+
+/// The backend of this run with the default simulated SoC (Atlas A2).
+pub fn harness() -> Harness {
+    harness_with_soc(DEFAULT_SOC)
+}
+
+#[cfg(feature = "sim")]
+pub const DEFAULT_SOC: &str = aclnn::sim::SOC_A2;
+#[cfg(not(feature = "sim"))]
+pub const DEFAULT_SOC: &str = "Ascend910B3";
+
+#[cfg(feature = "sim")]
+fn sim_backend(soc: &str) -> Backend {
+    let table = aclnn::sim::install(aclnn::sim::SimConfig::with_soc(soc)).expect("simulator idle");
+    Backend::table("sim", table)
+}
+
+#[cfg(not(feature = "sim"))]
+fn sim_backend(_soc: &str) -> Backend {
+    panic!("these tests need the `sim` feature or ACLNN_BACKEND=cann")
+}
+
+impl Harness {
+    /// Asserts that the simulated machine holds no device memory, streams, contexts, tensors or
+    /// pinned buffers and recorded no leak or misuse. No-op on real hardware.
+    pub fn assert_clean(&self) {
+        #[cfg(feature = "sim")]
+        if on_sim() {
+            let stats = aclnn::sim::stats();
+            assert_eq!(stats.live_allocations, 0, "leaked device memory: {stats:?}");
+            assert_eq!(stats.live_streams, 0, "leaked streams: {stats:?}");
+            assert_eq!(stats.live_contexts, 0, "leaked contexts: {stats:?}");
+            assert_eq!(stats.live_tensors, 0, "leaked tensors: {stats:?}");
+            assert_eq!(stats.live_host_buffers, 0, "leaked pinned buffers: {stats:?}");
+            assert!(stats.leaks.is_empty(), "leak reports: {:?}", stats.leaks);
+            assert!(stats.violations.is_empty(), "violations: {:?}", stats.violations);
+        }
+    }
+}
