@@ -12,6 +12,7 @@ use crate::error::{Error, Result, check_runtime};
 /// Which implementation of the C API to use. The safe layer never chooses on its own and never
 /// falls back from one to the other.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // built once per runtime; boxing would only add noise
 pub enum Backend {
     /// The real CANN libraries, found by the loader.
     Cann(LoaderConfig),

@@ -20,6 +20,12 @@ macro_rules! define_api {
             )*
         }
 
+        impl fmt::Debug for FunctionTable {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct("FunctionTable").field("provided", &self.provided()).finish()
+            }
+        }
+
         impl FunctionTable {
             /// Names of the entries this table provides.
             pub fn provided(&self) -> Vec<&'static str> {
@@ -77,7 +83,7 @@ pub struct Api {
 }
 
 enum Source {
-    Table(FunctionTable),
+    Table(Box<FunctionTable>),
     Dynamic(Box<Dynamic>),
 }
 
@@ -97,7 +103,7 @@ impl Api {
 
     /// Uses a backend's own table of entry points.
     pub fn from_table(table: FunctionTable) -> Api {
-        Api { source: Source::Table(table) }
+        Api { source: Source::Table(Box::new(table)) }
     }
 
     /// `true` when the functions come from shared libraries opened by the loader.
