@@ -30,9 +30,7 @@ const CHECK_BLOCK: usize = 1 << 12;
 const FP4_MAX_ABS_BITS: u32 = 0x40C0_0000;
 
 /// The 16 FP4 E2M1 values, indexed by code.
-const FP4_VALUES: [f32; 16] = [
-    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
-];
+const FP4_VALUES: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
 
 /// Magnitude codes indexed by `((bits >> 22) & 0x1FF) - 0xFC` (one nibble each): 0.5, miss
 /// (0.75), 1.0, 1.5, 2.0, 3.0, 4.0, 6.0; nibble 8 (any other key) is 0 = miss.
@@ -55,21 +53,13 @@ pub struct LayoutError {
 
 impl LayoutError {
     const fn new(what: &'static str, expected: usize, actual: usize) -> Self {
-        Self {
-            what,
-            expected,
-            actual,
-        }
+        Self { what, expected, actual }
     }
 }
 
 impl fmt::Display for LayoutError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid {}: expected {}, got {}",
-            self.what, self.expected, self.actual
-        )
+        write!(f, "invalid {}: expected {}, got {}", self.what, self.expected, self.actual)
     }
 }
 
@@ -99,10 +89,9 @@ pub enum PackError {
 impl fmt::Display for PackError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::OutOfRange { index, value } => write!(
-                f,
-                "int4 value {value} at index {index} is outside the representable range [-8, 7]"
-            ),
+            Self::OutOfRange { index, value } => {
+                write!(f, "int4 value {value} at index {index} is outside the representable range [-8, 7]")
+            }
             Self::FloatOutOfRange { index, value } => write!(
                 f,
                 "fp4 value {value} at index {index} is not finite or outside the representable \
@@ -190,10 +179,7 @@ impl Element for i32 {
     }
 
     fn error(self, index: usize) -> PackError {
-        PackError::OutOfRange {
-            index,
-            value: i64::from(self),
-        }
+        PackError::OutOfRange { index, value: i64::from(self) }
     }
 }
 
@@ -254,32 +240,17 @@ fn first_bad<T: Element>(src: &[T]) -> Option<usize> {
 
 /// Serial checked pack: returns the index of the first bad element (relative to `src`).
 fn pack_checked_serial<T: Element>(src: &[T], dst: &mut [u8]) -> Option<usize> {
-    src.chunks(CHECK_BLOCK)
-        .zip(dst.chunks_mut(CHECK_BLOCK / 2))
-        .enumerate()
-        .find_map(|(b, (s, d))| {
-            if pack_run::<T, true>(s, d) != 0 {
-                first_bad(s).map(|i| b * CHECK_BLOCK + i)
-            } else {
-                None
-            }
-        })
+    src.chunks(CHECK_BLOCK).zip(dst.chunks_mut(CHECK_BLOCK / 2)).enumerate().find_map(|(b, (s, d))| {
+        if pack_run::<T, true>(s, d) != 0 { first_bad(s).map(|i| b * CHECK_BLOCK + i) } else { None }
+    })
 }
 
 fn check_pack_lengths(src_len: usize, out_len: usize) -> Result<(), LayoutError> {
     if src_len % 2 != 0 {
-        return Err(LayoutError::new(
-            "source length in elements (must be even)",
-            src_len + 1,
-            src_len,
-        ));
+        return Err(LayoutError::new("source length in elements (must be even)", src_len + 1, src_len));
     }
     if out_len != src_len / 2 {
-        return Err(LayoutError::new(
-            "output length in bytes (half the source length)",
-            src_len / 2,
-            out_len,
-        ));
+        return Err(LayoutError::new("output length in bytes (half the source length)", src_len / 2, out_len));
     }
     Ok(())
 }
@@ -287,11 +258,9 @@ fn check_pack_lengths(src_len: usize, out_len: usize) -> Result<(), LayoutError>
 fn pack_impl<T: Element>(src: &[T], out: &mut [u8]) -> Result<(), LayoutError> {
     check_pack_lengths(src.len(), out.len())?;
     if src.len() >= PARALLEL_THRESHOLD {
-        src.par_chunks(PAR_CHUNK)
-            .zip(out.par_chunks_mut(PAR_CHUNK / 2))
-            .for_each(|(s, d)| {
-                pack_run::<T, false>(s, d);
-            });
+        src.par_chunks(PAR_CHUNK).zip(out.par_chunks_mut(PAR_CHUNK / 2)).for_each(|(s, d)| {
+            pack_run::<T, false>(s, d);
+        });
     } else {
         pack_run::<T, false>(src, out);
     }
@@ -353,11 +322,7 @@ pub fn pack_fp4_checked(src: &[f32], out: &mut [u8]) -> Result<(), PackError> {
 fn check_unpack_lengths(packed_len: usize, out_len: usize) -> Result<(), LayoutError> {
     // A byte slice is at most isize::MAX long, so doubling cannot overflow.
     if out_len != 2 * packed_len {
-        return Err(LayoutError::new(
-            "output length in elements (twice the packed length)",
-            2 * packed_len,
-            out_len,
-        ));
+        return Err(LayoutError::new("output length in elements (twice the packed length)", 2 * packed_len, out_len));
     }
     Ok(())
 }
@@ -370,10 +335,7 @@ fn unpack_impl<T: Send>(packed: &[u8], out: &mut [T], value: impl Fn(u8) -> T + 
         }
     };
     if out.len() >= PARALLEL_THRESHOLD {
-        packed
-            .par_chunks(PAR_CHUNK / 2)
-            .zip(out.par_chunks_mut(PAR_CHUNK))
-            .for_each(|(p, o)| run(p, o));
+        packed.par_chunks(PAR_CHUNK / 2).zip(out.par_chunks_mut(PAR_CHUNK)).for_each(|(p, o)| run(p, o));
     } else {
         run(packed, out);
     }
@@ -420,12 +382,7 @@ pub struct NzGeometry {
 impl NzGeometry {
     /// Creates a geometry from its four parameters.
     pub const fn new(groups: usize, rows: usize, row_bytes: usize, c0: usize) -> Self {
-        Self {
-            groups,
-            rows,
-            row_bytes,
-            c0,
-        }
+        Self { groups, rows, row_bytes, c0 }
     }
 
     /// Number of 16-row blocks, `K1 = ceil(rows / 16)`.
@@ -435,11 +392,7 @@ impl NzGeometry {
 
     /// Number of `c0`-byte column blocks, `N1 = ceil(row_bytes / c0)` (0 if `c0 == 0`).
     pub const fn n1(&self) -> usize {
-        if self.c0 == 0 {
-            0
-        } else {
-            self.row_bytes.div_ceil(self.c0)
-        }
+        if self.c0 == 0 { 0 } else { self.row_bytes.div_ceil(self.c0) }
     }
 
     /// Bytes of one column block of one group, `K1 * 16 * c0`.
@@ -459,9 +412,7 @@ impl NzGeometry {
 
     /// Bytes of the packed ND input, `groups * rows * row_bytes`.
     pub const fn nd_bytes(&self) -> usize {
-        self.groups
-            .saturating_mul(self.rows)
-            .saturating_mul(self.row_bytes)
+        self.groups.saturating_mul(self.rows).saturating_mul(self.row_bytes)
     }
 
     /// True if no padding is needed (`rows % 16 == 0 && row_bytes % c0 == 0`); then
@@ -472,11 +423,7 @@ impl NzGeometry {
 
     fn validate(&self) -> Result<(), LayoutError> {
         if self.c0 == 0 {
-            return Err(LayoutError::new(
-                "NZ c0 in bytes (must be non-zero, e.g. 32)",
-                32,
-                0,
-            ));
+            return Err(LayoutError::new("NZ c0 in bytes (must be non-zero, e.g. 32)", 32, 0));
         }
         Ok(())
     }
@@ -495,18 +442,10 @@ pub enum GroupOffset {
 fn check_nz_lengths(geom: &NzGeometry, nd_len: usize, nz_len: usize) -> Result<(), LayoutError> {
     geom.validate()?;
     if nd_len != geom.nd_bytes() {
-        return Err(LayoutError::new(
-            "packed ND length in bytes (groups * rows * row_bytes)",
-            geom.nd_bytes(),
-            nd_len,
-        ));
+        return Err(LayoutError::new("packed ND length in bytes (groups * rows * row_bytes)", geom.nd_bytes(), nd_len));
     }
     if nz_len != geom.total_bytes() {
-        return Err(LayoutError::new(
-            "NZ length in bytes (groups * N1 * K1 * 16 * c0)",
-            geom.total_bytes(),
-            nz_len,
-        ));
+        return Err(LayoutError::new("NZ length in bytes (groups * N1 * K1 * 16 * c0)", geom.total_bytes(), nz_len));
     }
     Ok(())
 }
@@ -604,12 +543,7 @@ where
 /// written in ascending order, later writes win). Requires `geom.c0 > 0`,
 /// `packed.len() == geom.nd_bytes()` and `out.len() == geom.total_bytes()`, otherwise returns a
 /// [`LayoutError`] without writing.
-pub fn nd_to_nz(
-    packed: &[u8],
-    geom: NzGeometry,
-    offset: GroupOffset,
-    out: &mut [u8],
-) -> Result<(), LayoutError> {
+pub fn nd_to_nz(packed: &[u8], geom: NzGeometry, offset: GroupOffset, out: &mut [u8]) -> Result<(), LayoutError> {
     check_nz_lengths(&geom, packed.len(), out.len())?;
     let nb = geom.row_bytes;
     if offset == GroupOffset::Padded || geom.is_aligned() {
@@ -667,20 +601,13 @@ pub fn nz_to_nd(nz: &[u8], geom: NzGeometry, out: &mut [u8]) -> Result<(), Layou
     Ok(())
 }
 
-fn pack_nz_checked_impl<T: Element>(
-    src: &[T],
-    geom: NzGeometry,
-    out: &mut [u8],
-) -> Result<(), PackError> {
+fn pack_nz_checked_impl<T: Element>(src: &[T], geom: NzGeometry, out: &mut [u8]) -> Result<(), PackError> {
     geom.validate()?;
     let expected = geom.nd_bytes().saturating_mul(2);
     if src.len() != expected {
-        return Err(LayoutError::new(
-            "source length in elements (groups * rows * row_bytes * 2)",
-            expected,
-            src.len(),
-        )
-        .into());
+        return Err(
+            LayoutError::new("source length in elements (groups * rows * row_bytes * 2)", expected, src.len()).into()
+        );
     }
     check_nz_lengths(&geom, geom.nd_bytes(), out.len())?;
     let nb = geom.row_bytes;
@@ -701,11 +628,7 @@ fn pack_nz_checked_impl<T: Element>(
 /// Equals [`pack_int4_checked`] followed by [`nd_to_nz`]; reports the first element (in element
 /// order) outside [-8, 7] as [`PackError::OutOfRange`] (then `out` is unspecified). Requires
 /// `geom.c0 > 0`, `src.len() == 2 * geom.nd_bytes()` and `out.len() == geom.total_bytes()`.
-pub fn pack_int4_nz_checked(
-    src: &[i32],
-    geom: NzGeometry,
-    out: &mut [u8],
-) -> Result<(), PackError> {
+pub fn pack_int4_nz_checked(src: &[i32], geom: NzGeometry, out: &mut [u8]) -> Result<(), PackError> {
     pack_nz_checked_impl(src, geom, out)
 }
 
@@ -795,11 +718,8 @@ pub mod reference {
             for r in 0..kk {
                 for c in 0..nb {
                     let src = g * kk * nb + r * nb + c;
-                    let dst = (c / c0) * (k1 * 16 * c0)
-                        + (r / 16) * (16 * c0)
-                        + (r % 16) * c0
-                        + (c % c0)
-                        + group_offset;
+                    let dst =
+                        (c / c0) * (k1 * 16 * c0) + (r / 16) * (16 * c0) + (r % 16) * c0 + (c % c0) + group_offset;
                     out[dst] = packed[src];
                 }
             }
@@ -847,17 +767,11 @@ mod tests {
     }
 
     fn in_range_i32(n: usize, seed: u64) -> Vec<i32> {
-        lcg_values(n, seed)
-            .into_iter()
-            .map(|x| (x >> 60) as i32 - 8)
-            .collect()
+        lcg_values(n, seed).into_iter().map(|x| (x >> 60) as i32 - 8).collect()
     }
 
     fn in_range_f32(n: usize, seed: u64) -> Vec<f32> {
-        lcg_values(n, seed)
-            .into_iter()
-            .map(|x| (x >> 40) as f32 / (1u64 << 24) as f32 * 12.0 - 6.0)
-            .collect()
+        lcg_values(n, seed).into_iter().map(|x| (x >> 40) as f32 / (1u64 << 24) as f32 * 12.0 - 6.0).collect()
     }
 
     // --- codes ---------------------------------------------------------------------------
@@ -922,11 +836,7 @@ mod tests {
         for hi in 0u32..1024 {
             for low in [0, 1, 0x0015_5555, 0x002A_AAAA, 0x003F_FFFF] {
                 let bits = (hi << 22) | low;
-                assert_eq!(
-                    fp4_code(bits),
-                    reference::fp4_code(bits),
-                    "bits {bits:#010x}"
-                );
+                assert_eq!(fp4_code(bits), reference::fp4_code(bits), "bits {bits:#010x}");
             }
         }
     }
@@ -1021,15 +931,9 @@ mod tests {
         assert_eq!(err.expected, 4);
         let err = pack_int4(&[1, 2, 3, 4, 5, 6], &mut out).unwrap_err();
         assert_eq!((err.expected, err.actual), (3, 2));
-        assert!(matches!(
-            pack_int4_checked(&[1, 2, 3], &mut out),
-            Err(PackError::Layout(_))
-        ));
+        assert!(matches!(pack_int4_checked(&[1, 2, 3], &mut out), Err(PackError::Layout(_))));
         assert!(pack_fp4(&[1.0; 2], &mut out).is_err());
-        assert!(matches!(
-            pack_fp4_checked(&[1.0; 5], &mut out),
-            Err(PackError::Layout(_))
-        ));
+        assert!(matches!(pack_fp4_checked(&[1.0; 5], &mut out), Err(PackError::Layout(_))));
         // Nothing was written.
         assert_eq!(out, [0, 0]);
     }
@@ -1038,18 +942,12 @@ mod tests {
     fn pack_int4_checked_reports_first_bad() {
         let src = [0, 1, 2, 3, 8, 5, -9, 7, 1, 1];
         let mut out = [0u8; 5];
-        assert_eq!(
-            pack_int4_checked(&src, &mut out),
-            Err(PackError::OutOfRange { index: 4, value: 8 })
-        );
+        assert_eq!(pack_int4_checked(&src, &mut out), Err(PackError::OutOfRange { index: 4, value: 8 }));
         let src = [-8, 7, i32::MIN, 0];
         let mut out = [0u8; 2];
         assert_eq!(
             pack_int4_checked(&src, &mut out),
-            Err(PackError::OutOfRange {
-                index: 2,
-                value: i64::from(i32::MIN)
-            })
+            Err(PackError::OutOfRange { index: 2, value: i64::from(i32::MIN) })
         );
     }
 
@@ -1062,15 +960,7 @@ mod tests {
         pack_fp4(&ok, &mut expected).unwrap();
         assert_eq!(out, expected);
 
-        for bad in [
-            f32::NAN,
-            -f32::NAN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            6.000_001,
-            -7.0,
-            1e30,
-        ] {
+        for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 6.000_001, -7.0, 1e30] {
             let src = [1.0, 2.0, bad, f32::NAN];
             let mut out = [0u8; 2];
             match pack_fp4_checked(&src, &mut out) {
@@ -1113,10 +1003,7 @@ mod tests {
     #[test]
     fn geometry_sizes() {
         let g = geom(2, 16, 16, 32);
-        assert_eq!(
-            (g.k1(), g.n1(), g.group_bytes(), g.total_bytes()),
-            (1, 1, 512, 1024)
-        );
+        assert_eq!((g.k1(), g.n1(), g.group_bytes(), g.total_bytes()), (1, 1, 512, 1024));
         assert!(!g.is_aligned());
         let g = geom(3, 17, 65, 32);
         assert_eq!((g.k1(), g.n1()), (2, 3));
@@ -1202,10 +1089,7 @@ mod tests {
         let err = nd_to_nz(&[0; 16], g, GroupOffset::Padded, &mut []).unwrap_err();
         assert_eq!(err.actual, 0);
         assert!(nz_to_nd(&[], g, &mut [0; 16]).is_err());
-        assert!(matches!(
-            pack_int4_nz_checked(&[0; 32], g, &mut []),
-            Err(PackError::Layout(_))
-        ));
+        assert!(matches!(pack_int4_nz_checked(&[0; 32], g, &mut []), Err(PackError::Layout(_))));
         let g = geom(1, 4, 4, 8);
         assert!(nd_to_nz(&[0; 15], g, GroupOffset::Padded, &mut [0; 128]).is_err());
         assert!(nd_to_nz(&[0; 16], g, GroupOffset::Unpadded, &mut [0; 127]).is_err());
@@ -1232,43 +1116,25 @@ mod tests {
         src[39] = 100;
         src[3] = -9;
         let mut out = vec![0u8; g.total_bytes()];
-        assert_eq!(
-            pack_int4_nz_checked(&src, g, &mut out),
-            Err(PackError::OutOfRange {
-                index: 3,
-                value: -9
-            })
-        );
+        assert_eq!(pack_int4_nz_checked(&src, g, &mut out), Err(PackError::OutOfRange { index: 3, value: -9 }));
         // Element 20 (block 2) is visited before element 7 (block 3), yet 7 must be reported.
         let mut src = vec![0i32; 40];
         src[20] = 8;
         src[7] = 9;
-        assert_eq!(
-            pack_int4_nz_checked(&src, g, &mut out),
-            Err(PackError::OutOfRange { index: 7, value: 9 })
-        );
+        assert_eq!(pack_int4_nz_checked(&src, g, &mut out), Err(PackError::OutOfRange { index: 7, value: 9 }));
     }
 
     #[test]
     fn error_display() {
         let e = LayoutError::new("output length in bytes", 4, 3);
-        assert_eq!(
-            e.to_string(),
-            "invalid output length in bytes: expected 4, got 3"
-        );
+        assert_eq!(e.to_string(), "invalid output length in bytes: expected 4, got 3");
         let p = PackError::from(e.clone());
         assert_eq!(p.to_string(), e.to_string());
         assert!(std::error::Error::source(&p).is_some());
         let p = PackError::OutOfRange { index: 5, value: 9 };
-        assert_eq!(
-            p.to_string(),
-            "int4 value 9 at index 5 is outside the representable range [-8, 7]"
-        );
+        assert_eq!(p.to_string(), "int4 value 9 at index 5 is outside the representable range [-8, 7]");
         assert!(std::error::Error::source(&p).is_none());
-        let p = PackError::FloatOutOfRange {
-            index: 1,
-            value: 7.5,
-        };
+        let p = PackError::FloatOutOfRange { index: 1, value: 7.5 };
         assert!(p.to_string().contains("7.5 at index 1"));
     }
 
@@ -1293,19 +1159,10 @@ mod tests {
         src[PAR_CHUNK * 3 + 11] = -100;
         assert_eq!(
             pack_int4_checked(&src, &mut out2),
-            Err(PackError::OutOfRange {
-                index: PAR_CHUNK * 3 + 11,
-                value: -100
-            })
+            Err(PackError::OutOfRange { index: PAR_CHUNK * 3 + 11, value: -100 })
         );
         src[PAR_CHUNK + 1] = 8;
-        assert_eq!(
-            pack_int4_checked(&src, &mut out2),
-            Err(PackError::OutOfRange {
-                index: PAR_CHUNK + 1,
-                value: 8
-            })
-        );
+        assert_eq!(pack_int4_checked(&src, &mut out2), Err(PackError::OutOfRange { index: PAR_CHUNK + 1, value: 8 }));
         // Unchecked path still masks.
         pack_int4(&src, &mut out).unwrap();
         assert_eq!(out, reference::pack_int4(&src));
@@ -1340,27 +1197,15 @@ mod tests {
         let isrc = in_range_i32(n, 3);
         let mut fused = vec![0u8; g.total_bytes()];
         pack_int4_nz_checked(&isrc, g, &mut fused).unwrap();
-        assert_eq!(
-            fused,
-            reference::nd_to_nz(&reference::pack_int4(&isrc), g, GroupOffset::Padded)
-        );
+        assert_eq!(fused, reference::nd_to_nz(&reference::pack_int4(&isrc), g, GroupOffset::Padded));
 
         src[n - 1] = f32::INFINITY;
         src[n / 3] = -6.5;
         assert_eq!(
             pack_fp4_nz_checked(&src, g, &mut fused),
-            Err(PackError::FloatOutOfRange {
-                index: n / 3,
-                value: -6.5
-            })
+            Err(PackError::FloatOutOfRange { index: n / 3, value: -6.5 })
         );
-        assert_eq!(
-            pack_fp4_checked(&src, &mut packed2),
-            Err(PackError::FloatOutOfRange {
-                index: n / 3,
-                value: -6.5
-            })
-        );
+        assert_eq!(pack_fp4_checked(&src, &mut packed2), Err(PackError::FloatOutOfRange { index: n / 3, value: -6.5 }));
         let mut f = vec![0f32; n];
         unpack_fp4(&packed, &mut f).unwrap();
         for (pair, &b) in f.chunks_exact(2).zip(&packed) {
@@ -1408,56 +1253,29 @@ mod tests {
     }
 
     fn geometry() -> impl Strategy<Value = NzGeometry> {
-        (
-            1usize..3,
-            1usize..70,
-            1usize..80,
-            prop_oneof![Just(8usize), Just(16), Just(32)],
-        )
+        (1usize..3, 1usize..70, 1usize..80, prop_oneof![Just(8usize), Just(16), Just(32)])
             .prop_map(|(g, r, b, c0)| geom(g, r, b, c0))
     }
 
     fn aligned_geometry() -> impl Strategy<Value = NzGeometry> {
-        (
-            1usize..4,
-            1usize..4,
-            1usize..4,
-            prop_oneof![Just(8usize), Just(16), Just(32)],
-        )
+        (1usize..4, 1usize..4, 1usize..4, prop_oneof![Just(8usize), Just(16), Just(32)])
             .prop_map(|(g, k1, n1, c0)| geom(g, 16 * k1, n1 * c0, c0))
     }
 
-    fn even_vec<T: std::fmt::Debug>(
-        s: impl Strategy<Value = T> + Clone,
-    ) -> impl Strategy<Value = Vec<T>> {
+    fn even_vec<T: std::fmt::Debug>(s: impl Strategy<Value = T> + Clone) -> impl Strategy<Value = Vec<T>> {
         (0usize..200).prop_flat_map(move |n| proptest::collection::vec(s.clone(), 2 * n))
     }
 
     fn geom_and_bytes() -> impl Strategy<Value = (NzGeometry, Vec<u8>)> {
-        geometry().prop_flat_map(|g| {
-            (
-                Just(g),
-                proptest::collection::vec(any::<u8>(), g.nd_bytes()),
-            )
-        })
+        geometry().prop_flat_map(|g| (Just(g), proptest::collection::vec(any::<u8>(), g.nd_bytes())))
     }
 
     fn geom_and_ints() -> impl Strategy<Value = (NzGeometry, Vec<i32>)> {
-        geometry().prop_flat_map(|g| {
-            (
-                Just(g),
-                proptest::collection::vec(int_value(), 2 * g.nd_bytes()),
-            )
-        })
+        geometry().prop_flat_map(|g| (Just(g), proptest::collection::vec(int_value(), 2 * g.nd_bytes())))
     }
 
     fn geom_and_floats() -> impl Strategy<Value = (NzGeometry, Vec<f32>)> {
-        geometry().prop_flat_map(|g| {
-            (
-                Just(g),
-                proptest::collection::vec(float_value(), 2 * g.nd_bytes()),
-            )
-        })
+        geometry().prop_flat_map(|g| (Just(g), proptest::collection::vec(float_value(), 2 * g.nd_bytes())))
     }
 
     fn int_bad(v: i32) -> bool {

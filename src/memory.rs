@@ -269,7 +269,13 @@ impl<T: DeviceRepr> PinnedHostBuffer<T> {
             // initialised before any slice is handed out.
             unsafe { std::ptr::write_bytes(ptr.cast::<u8>(), 0, bytes) };
         }
-        Ok(PinnedHostBuffer { device: device.clone(), ptr: ptr as usize, len, pending: Mutex::new(None), _elem: PhantomData })
+        Ok(PinnedHostBuffer {
+            device: device.clone(),
+            ptr: ptr as usize,
+            len,
+            pending: Mutex::new(None),
+            _elem: PhantomData,
+        })
     }
 
     /// Allocates and fills from a slice.

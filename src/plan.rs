@@ -12,7 +12,8 @@ use crate::stream::Stream;
 use crate::workspace::Workspace;
 
 /// Phase 2 of an operator: `(workspace, workspaceSize, executor, stream)`.
-pub(crate) type LaunchFn = unsafe extern "C" fn(*mut c_void, u64, *mut aclOpExecutor, sys::aclrtStream) -> sys::aclnnStatus;
+pub(crate) type LaunchFn =
+    unsafe extern "C" fn(*mut c_void, u64, *mut aclOpExecutor, sys::aclrtStream) -> sys::aclnnStatus;
 
 /// The result of phase 1: an executor and the workspace it needs. It borrows the operator's
 /// tensors (`'t`) so they outlive the launch. [`Plan::launch`] consumes it; a plan dropped
@@ -30,7 +31,13 @@ pub struct Plan<'t> {
 impl<'t> Plan<'t> {
     /// Wraps phase 1's outputs. `executor` may be null (operators that do all their work in
     /// phase 1 never write it).
-    pub(crate) fn new(op: &'static str, device: Arc<Device>, workspace_size: u64, executor: *mut aclOpExecutor, launch: LaunchFn) -> Plan<'t> {
+    pub(crate) fn new(
+        op: &'static str,
+        device: Arc<Device>,
+        workspace_size: u64,
+        executor: *mut aclOpExecutor,
+        launch: LaunchFn,
+    ) -> Plan<'t> {
         Plan { op, device, workspace_size, executor, launch, _tensors: PhantomData }
     }
 

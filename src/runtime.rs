@@ -120,7 +120,10 @@ impl Runtime {
         // SAFETY: takes no arguments; returns null or a static NUL-terminated string.
         let ptr = unsafe { f() };
         if ptr.is_null() {
-            return Err(Error::NullHandle { api: "aclrtGetSocName", message: crate::error::recent_message(self.api()) });
+            return Err(Error::NullHandle {
+                api: "aclrtGetSocName",
+                message: crate::error::recent_message(self.api()),
+            });
         }
         // SAFETY: non-null, NUL-terminated, owned by the runtime; copied at once.
         Ok(unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned())

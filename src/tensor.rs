@@ -182,7 +182,13 @@ impl TensorDesc {
             .and_then(|e| e.checked_mul(bits))
             .map(|b| b.div_ceil(8))
             .filter(|b| *b <= isize::MAX as u64)
-            .ok_or_else(|| Error::invalid("tensor storage shape", format!("{:?} overflows", self.storage), "a size below isize::MAX bytes"))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "tensor storage shape",
+                    format!("{:?} overflows", self.storage),
+                    "a size below isize::MAX bytes",
+                )
+            })
     }
 
     fn validate(&self) -> Result<()> {
@@ -263,16 +269,17 @@ impl<'a> Tensor<'a> {
         Self::create(buffer, desc, true)
     }
 
-    fn create<T: DeviceRepr>(
-        buffer: &DeviceBuffer<T>,
-        desc: TensorDesc,
-        writable: bool,
-    ) -> Result<Tensor<'a>> {
+    fn create<T: DeviceRepr>(buffer: &DeviceBuffer<T>, desc: TensorDesc, writable: bool) -> Result<Tensor<'a>> {
         let needed = desc.storage_bytes()?;
         if needed > buffer.byte_len() as u64 {
             return Err(Error::invalid(
                 "tensor storage",
-                format!("{:?} {:?} needs {needed} bytes but the buffer holds {}", desc.dtype, desc.storage, buffer.byte_len()),
+                format!(
+                    "{:?} {:?} needs {needed} bytes but the buffer holds {}",
+                    desc.dtype,
+                    desc.storage,
+                    buffer.byte_len()
+                ),
                 "a buffer at least as large as the storage shape",
             ));
         }
@@ -295,10 +302,8 @@ impl<'a> Tensor<'a> {
                 buffer.as_raw(),
             )
         };
-        let raw = NonNull::new(raw).ok_or_else(|| Error::NullHandle {
-            api: "aclCreateTensor",
-            message: crate::error::recent_message(api),
-        })?;
+        let raw = NonNull::new(raw)
+            .ok_or_else(|| Error::NullHandle { api: "aclCreateTensor", message: crate::error::recent_message(api) })?;
         Ok(Tensor {
             raw,
             desc,

@@ -32,8 +32,9 @@ impl Workspace {
         if bytes == 0 {
             return Ok(std::ptr::null_mut());
         }
-        let bytes = usize::try_from(bytes)
-            .map_err(|_| crate::Error::invalid("workspace size", format!("{bytes} bytes"), "a size that fits in usize"))?;
+        let bytes = usize::try_from(bytes).map_err(|_| {
+            crate::Error::invalid("workspace size", format!("{bytes} bytes"), "a size that fits in usize")
+        })?;
         if self.capacity() < bytes {
             self.buffer = None; // drop synchronizes, then frees
             self.buffer = Some(DeviceBuffer::alloc(&self.stream, bytes)?);

@@ -82,7 +82,8 @@ fn tensors_check_their_storage_against_the_buffer() {
         // INT4 storage rounds up to whole bytes: 24 values = 12 bytes.
         let int4 = Tensor::new(&buf, TensorDesc::nd(DType::Int4, &[3, 8])).unwrap();
         assert_eq!(int4.desc().storage_bytes().unwrap(), 12);
-        let owned = Tensor::owned(DeviceBuffer::<u8>::alloc(&stream, 8).unwrap(), TensorDesc::nd(DType::UInt8, &[8])).unwrap();
+        let owned =
+            Tensor::owned(DeviceBuffer::<u8>::alloc(&stream, 8).unwrap(), TensorDesc::nd(DType::UInt8, &[8])).unwrap();
         assert!(owned.is_writable());
         let back: DeviceBuffer<u8> = owned.into_buffer().unwrap();
         assert_eq!(back.len(), 8);
@@ -199,7 +200,10 @@ mod simulator {
         let msg = aclnn::sim::stats();
         assert_eq!(msg.live_allocations, 1);
         // count > destMax, null, unknown kind, count 0 (succeeds before any check).
-        assert_eq!(memcpy(api, dev, 8, host.as_ptr().cast(), 16, sys::ACL_MEMCPY_HOST_TO_DEVICE), sys::ACL_ERROR_INVALID_PARAM);
+        assert_eq!(
+            memcpy(api, dev, 8, host.as_ptr().cast(), 16, sys::ACL_MEMCPY_HOST_TO_DEVICE),
+            sys::ACL_ERROR_INVALID_PARAM
+        );
         assert_eq!(memcpy(api, std::ptr::null_mut(), 8, host.as_ptr().cast(), 8, 1), sys::ACL_ERROR_INVALID_PARAM);
         assert_eq!(memcpy(api, dev, 8, host.as_ptr().cast(), 8, 9), sys::ACL_ERROR_INVALID_PARAM);
         assert_eq!(memcpy(api, std::ptr::null_mut(), 0, std::ptr::null(), 0, 9), 0);
@@ -265,7 +269,14 @@ mod simulator {
             let src = [7u8; 16];
             // SAFETY: `src` outlives the synchronize below.
             let code = unsafe {
-                api.aclrtMemcpyAsync().unwrap()(dev, 16, src.as_ptr().cast(), 16, sys::ACL_MEMCPY_HOST_TO_DEVICE, stream.raw())
+                api.aclrtMemcpyAsync().unwrap()(
+                    dev,
+                    16,
+                    src.as_ptr().cast(),
+                    16,
+                    sys::ACL_MEMCPY_HOST_TO_DEVICE,
+                    stream.raw(),
+                )
             };
             assert_eq!(code, 0);
             let mut out = [0u8; 16];
@@ -277,7 +288,14 @@ mod simulator {
             // Freeing memory that queued work still uses is recorded as a violation.
             // SAFETY: as above.
             let code = unsafe {
-                api.aclrtMemcpyAsync().unwrap()(dev, 16, src.as_ptr().cast(), 16, sys::ACL_MEMCPY_HOST_TO_DEVICE, stream.raw())
+                api.aclrtMemcpyAsync().unwrap()(
+                    dev,
+                    16,
+                    src.as_ptr().cast(),
+                    16,
+                    sys::ACL_MEMCPY_HOST_TO_DEVICE,
+                    stream.raw(),
+                )
             };
             assert_eq!(code, 0);
             assert_eq!(raw_free(api, dev), 0);
@@ -323,7 +341,14 @@ mod simulator {
             buf.to_vec()
         };
         let mut covered = 0;
-        for api in ["aclrtSetDevice", "aclrtCreateContext", "aclrtCreateStream", "aclrtMalloc", "aclrtMemcpy", "aclCreateTensor"] {
+        for api in [
+            "aclrtSetDevice",
+            "aclrtCreateContext",
+            "aclrtCreateStream",
+            "aclrtMalloc",
+            "aclrtMemcpy",
+            "aclCreateTensor",
+        ] {
             assert!(sim::inject_fault(api, 1, 500_000));
             assert!(flow().is_err(), "failure of {api} surfaces");
             sim::clear_faults();

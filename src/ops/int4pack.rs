@@ -82,7 +82,9 @@ impl PackLayout {
             .iter()
             .try_fold(1usize, |acc, d| acc.checked_mul(*d as usize))
             .filter(|e| e.checked_mul(4).is_some_and(|b| b <= isize::MAX as usize))
-            .ok_or_else(|| Error::invalid("weight shape", format!("{weight_shape:?} is too large"), "fewer than 2^61 elements"))?;
+            .ok_or_else(|| {
+                Error::invalid("weight shape", format!("{weight_shape:?} is too large"), "fewer than 2^61 elements")
+            })?;
         let (k, n) = (weight_shape[rank - 2], weight_shape[rank - 1]);
         let groups = if rank == 3 { weight_shape[0] } else { 1 };
         let per_element = match options.container {
@@ -93,7 +95,10 @@ impl PackLayout {
             return Err(Error::invalid(
                 "weight shape",
                 format!("the last dim is {n}"),
-                format!("a last dim that is a multiple of {per_element} for {:?} output", packed_dtype(kind, options.container)),
+                format!(
+                    "a last dim that is a multiple of {per_element} for {:?} output",
+                    packed_dtype(kind, options.container)
+                ),
             ));
         }
         let dtype = packed_dtype(kind, options.container);
@@ -241,7 +246,11 @@ fn weight_kind(dtype: DType) -> Result<WeightKind> {
     match dtype {
         DType::Int32 => Ok(WeightKind::Int4),
         DType::Float => Ok(WeightKind::Fp4),
-        other => Err(Error::invalid("weight dtype", format!("{other:?}"), "DType::Int32 (int4 values) or DType::Float (FP4 values)")),
+        other => Err(Error::invalid(
+            "weight dtype",
+            format!("{other:?}"),
+            "DType::Int32 (int4 values) or DType::Float (FP4 values)",
+        )),
     }
 }
 
@@ -269,10 +278,18 @@ fn operator_write_bytes(weight: &TensorDesc, pack: &TensorDesc, family: ChipFami
 /// checks, whose status code comes back as [`Error::Aclnn`].
 pub fn convert_weight_to_int4_pack_plan<'t>(weight: &'t Tensor<'_>, pack: &'t mut Tensor<'_>) -> Result<Plan<'t>> {
     if !pack.is_writable() {
-        return Err(Error::invalid("weightInt4Pack", "the tensor is read-only", "a tensor made with Tensor::new_mut or Tensor::owned"));
+        return Err(Error::invalid(
+            "weightInt4Pack",
+            "the tensor is read-only",
+            "a tensor made with Tensor::new_mut or Tensor::owned",
+        ));
     }
     if !Arc::ptr_eq(weight.stream().device(), pack.stream().device()) {
-        return Err(Error::invalid("weightInt4Pack", "it lives on another device than weight", "both tensors on one device"));
+        return Err(Error::invalid(
+            "weightInt4Pack",
+            "it lives on another device than weight",
+            "both tensors on one device",
+        ));
     }
     for (name, t) in [("weight", weight.desc()), ("weightInt4Pack", pack.desc())] {
         if t.offset != 0 {
@@ -288,15 +305,22 @@ pub fn convert_weight_to_int4_pack_plan<'t>(weight: &'t Tensor<'_>, pack: &'t mu
     if pack.desc().format == Format::FractalNz && rank == 3 && weight.desc().view.iter().all(|d| *d > 0) {
         // Same refusal as `PackLayout::new`, for hand-made descriptors.
         let kind = weight_kind(weight.desc().dtype)?;
-        let container =
-            if matches!(pack.desc().dtype, DType::Int4 | DType::Float4E2M1) { Container::FourBit } else { Container::ThirtyTwoBit };
+        let container = if matches!(pack.desc().dtype, DType::Int4 | DType::Float4E2M1) {
+            Container::FourBit
+        } else {
+            Container::ThirtyTwoBit
+        };
         PackLayout::new(&weight.desc().view, kind, PackOptions { container, format: Format::FractalNz }, family)?;
     }
     if let Some(write) = operator_write_bytes(weight.desc(), pack.desc(), family) {
         if write > pack.capacity_bytes() as u64 {
             return Err(Error::invalid(
                 "weightInt4Pack",
-                format!("the operator writes {write} bytes for weight {:?} but the buffer holds {}", weight.desc().view, pack.capacity_bytes()),
+                format!(
+                    "the operator writes {write} bytes for weight {:?} but the buffer holds {}",
+                    weight.desc().view,
+                    pack.capacity_bytes()
+                ),
                 format!("a buffer of at least {write} bytes"),
             ));
         }
@@ -368,14 +392,23 @@ fn check_len(len: usize, layout: &PackLayout) -> Result<()> {
     if len == expected {
         Ok(())
     } else {
-        Err(Error::invalid("weights", format!("{len} values"), format!("{expected} values for shape {:?}", layout.weight_shape)))
+        Err(Error::invalid(
+            "weights",
+            format!("{len} values"),
+            format!("{expected} values for shape {:?}", layout.weight_shape),
+        ))
     }
 }
 
 /// The host fast path for int4 weights: checks every value is in [-8, 7] (fused into the pack),
 /// packs and lays out on the host, and uploads only the packed bytes (1/8 of the input) to a
 /// new buffer on `stream`. Produces the same bytes as [`convert_weight_to_int4_pack`].
-pub fn pack_int4_on_host(stream: &Arc<Stream>, weights: &[i32], shape: &[i64], options: PackOptions) -> Result<PackedWeight> {
+pub fn pack_int4_on_host(
+    stream: &Arc<Stream>,
+    weights: &[i32],
+    shape: &[i64],
+    options: PackOptions,
+) -> Result<PackedWeight> {
     let layout = PackLayout::new(shape, WeightKind::Int4, options, chip_family(stream)?)?;
     check_len(weights.len(), &layout)?;
     let mut bytes = vec![0u8; layout.bytes];
@@ -390,7 +423,12 @@ pub fn pack_int4_on_host(stream: &Arc<Stream>, weights: &[i32], shape: &[i64], o
 /// The host fast path for FP4 weights (`f32` values carrying E2M1 numbers): rejects non-finite
 /// values and values beyond ±6, packs with the operator's truncating code table, uploads only
 /// the packed bytes. Produces the same bytes as [`convert_weight_to_int4_pack`].
-pub fn pack_fp4_on_host(stream: &Arc<Stream>, weights: &[f32], shape: &[i64], options: PackOptions) -> Result<PackedWeight> {
+pub fn pack_fp4_on_host(
+    stream: &Arc<Stream>,
+    weights: &[f32],
+    shape: &[i64],
+    options: PackOptions,
+) -> Result<PackedWeight> {
     let layout = PackLayout::new(shape, WeightKind::Fp4, options, chip_family(stream)?)?;
     check_len(weights.len(), &layout)?;
     let mut bytes = vec![0u8; layout.bytes];

@@ -187,14 +187,20 @@ fn convert(weight: *const aclTensor, pack_ptr: *mut aclTensor) -> aclnnStatus {
     }
     let nz = p.format == sys::ACL_FORMAT_FRACTAL_NZ;
     if p.format != sys::ACL_FORMAT_ND && !nz {
-        return param(INVALID, format!("weightInt4Pack's format should be ND/NZ. Actual is [{}].", format_name(p.format)));
+        return param(
+            INVALID,
+            format!("weightInt4Pack's format should be ND/NZ. Actual is [{}].", format_name(p.format)),
+        );
     }
     // 9-10: ranks.
     if !(2..=3).contains(&w.view.len()) {
         return param(INVALID, format!("weight's dim should be in range [2, 3]. Actual is [{}].", w.view.len()));
     }
     if !(2..=3).contains(&p.view.len()) {
-        return param(INVALID, format!("weightInt4Pack's dim should be in range [2, 3]. Actual is [{}].", p.view.len()));
+        return param(
+            INVALID,
+            format!("weightInt4Pack's dim should be in range [2, 3]. Actual is [{}].", p.view.len()),
+        );
     }
     // 11: shapes (last two view dims only).
     let (wk, wn) = last2(&w.view);
@@ -207,7 +213,11 @@ fn convert(weight: *const aclTensor, pack_ptr: *mut aclTensor) -> aclnnStatus {
         if (wk, wn) != (pk, pn) {
             return param(
                 INVALID,
-                format!("weight's size should be the same as weightInt4Pack's size. weight {}, weightInt4Pack {}.", dims(&w.view), dims(&p.view)),
+                format!(
+                    "weight's size should be the same as weightInt4Pack's size. weight {}, weightInt4Pack {}.",
+                    dims(&w.view),
+                    dims(&p.view)
+                ),
             );
         }
     } else {
@@ -232,7 +242,10 @@ fn convert(weight: *const aclTensor, pack_ptr: *mut aclTensor) -> aclnnStatus {
         if p.storage.len() != 4 && p.storage.len() != 5 {
             return param(
                 INVALID,
-                format!("weightInt4Pack's storage dim num should be [4] or [5] for int4 NZ, but actual is [{}].", p.storage.len()),
+                format!(
+                    "weightInt4Pack's storage dim num should be [4] or [5] for int4 NZ, but actual is [{}].",
+                    p.storage.len()
+                ),
             );
         }
         let s = &p.storage[p.storage.len() - 4..];

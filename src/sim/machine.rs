@@ -366,14 +366,8 @@ impl Machine {
 
     /// Releases everything on `device` and reports what was still alive.
     pub fn reset_device(&mut self, device: u32, at: String) {
-        let mut report = LeakReport {
-            at,
-            allocations: Vec::new(),
-            streams: 0,
-            contexts: 0,
-            tensors: 0,
-            host_buffers: 0,
-        };
+        let mut report =
+            LeakReport { at, allocations: Vec::new(), streams: 0, contexts: 0, tensors: 0, host_buffers: 0 };
         let streams: Vec<u64> = self.streams.iter().filter(|(_, s)| s.device == device).map(|(h, _)| *h).collect();
         for h in streams {
             let s = self.streams.remove(&h).expect("listed above");

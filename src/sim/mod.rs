@@ -78,10 +78,7 @@ pub enum SimError {
 /// returns its function table.
 pub fn install(config: SimConfig) -> Result<FunctionTable, SimError> {
     if config.device_count == 0 || config.device_count > 64 {
-        return Err(SimError::Invalid(format!(
-            "device_count is {}, expected 1 to 64",
-            config.device_count
-        )));
+        return Err(SimError::Invalid(format!("device_count is {}, expected 1 to 64", config.device_count)));
     }
     if config.soc_name.is_empty() || config.soc_name.contains('\0') {
         return Err(SimError::Invalid("soc_name must be a non-empty C string".into()));

@@ -277,7 +277,13 @@ unsafe extern "C" fn destroy_context(ctx: sys::aclrtContext) -> aclError {
         machine::with(|m| {
             match m.contexts.get(&h) {
                 Some(c) if c.user => {}
-                _ => return fail("aclrtDestroyContext", sys::ACL_ERROR_RT_PARAM_INVALID, format!("{h:#x} is not a live context")),
+                _ => {
+                    return fail(
+                        "aclrtDestroyContext",
+                        sys::ACL_ERROR_RT_PARAM_INVALID,
+                        format!("{h:#x} is not a live context"),
+                    );
+                }
             }
             let c = m.contexts.remove(&h).expect("checked above");
             let streams: Vec<u64> = m.streams.iter().filter(|(_, s)| s.context == h).map(|(s, _)| *s).collect();
@@ -315,7 +321,11 @@ unsafe extern "C" fn set_current(ctx: sys::aclrtContext) -> aclError {
         let h = ctx as usize as u64;
         machine::with(|m| {
             if !m.contexts.contains_key(&h) {
-                return fail("aclrtSetCurrentContext", sys::ACL_ERROR_RT_PARAM_INVALID, format!("{h:#x} is not a live context"));
+                return fail(
+                    "aclrtSetCurrentContext",
+                    sys::ACL_ERROR_RT_PARAM_INVALID,
+                    format!("{h:#x} is not a live context"),
+                );
             }
             set_current_context(h);
             sys::ACL_SUCCESS
@@ -346,7 +356,11 @@ unsafe extern "C" fn create_stream(out: *mut sys::aclrtStream) -> aclError {
         }
         machine::with(|m| {
             let Some((ctx, c)) = m.context() else {
-                return fail("aclrtCreateStream", sys::ACL_ERROR_RT_CONTEXT_NULL, "no current context; set a device first");
+                return fail(
+                    "aclrtCreateStream",
+                    sys::ACL_ERROR_RT_CONTEXT_NULL,
+                    "no current context; set a device first",
+                );
             };
             let device = c.device;
             let h = m.new_handle();
@@ -380,7 +394,13 @@ unsafe extern "C" fn destroy_stream(stream: sys::aclrtStream) -> aclError {
             let h = stream as usize as u64;
             match m.streams.get(&h) {
                 Some(s) if s.user => {}
-                _ => return fail("aclrtDestroyStream", sys::ACL_ERROR_RT_PARAM_INVALID, format!("{h:#x} is not a live stream")),
+                _ => {
+                    return fail(
+                        "aclrtDestroyStream",
+                        sys::ACL_ERROR_RT_PARAM_INVALID,
+                        format!("{h:#x} is not a live stream"),
+                    );
+                }
             }
             let s = m.streams.remove(&h).expect("checked above");
             if !s.queue.is_empty() {
@@ -411,7 +431,8 @@ unsafe extern "C" fn synchronize_stream(stream: sys::aclrtStream) -> aclError {
 
 /// The memory policies `aclrtMalloc` accepts: a base policy 0–7 plus the documented flags.
 fn valid_policy(policy: sys::aclrtMemMallocPolicy) -> Option<bool> {
-    let flags = sys::ACL_MEM_TYPE_LOW_BAND_WIDTH | sys::ACL_MEM_TYPE_HIGH_BAND_WIDTH | sys::ACL_MEM_ACCESS_USER_SPACE_READONLY;
+    let flags =
+        sys::ACL_MEM_TYPE_LOW_BAND_WIDTH | sys::ACL_MEM_TYPE_HIGH_BAND_WIDTH | sys::ACL_MEM_ACCESS_USER_SPACE_READONLY;
     let base = policy & !flags;
     if base > sys::ACL_MEM_MALLOC_HUGE1G_ONLY_P2P {
         return None;
@@ -500,7 +521,11 @@ unsafe extern "C" fn free_host(ptr: *mut c_void) -> aclError {
                 unsafe { std::alloc::dealloc(ptr.cast(), layout) };
                 sys::ACL_SUCCESS
             }
-            None => fail("aclrtFreeHost", sys::ACL_ERROR_RT_PARAM_INVALID, format!("{ptr:?} is not a live host buffer from aclrtMallocHost")),
+            None => fail(
+                "aclrtFreeHost",
+                sys::ACL_ERROR_RT_PARAM_INVALID,
+                format!("{ptr:?} is not a live host buffer from aclrtMallocHost"),
+            ),
         }
     })
 }
@@ -592,7 +617,11 @@ unsafe extern "C" fn memset(dev: *mut c_void, max_count: usize, value: i32, coun
             return fail("aclrtMemset", sys::ACL_ERROR_INVALID_PARAM, "devPtr is null");
         }
         if count > max_count {
-            return fail("aclrtMemset", sys::ACL_ERROR_INVALID_PARAM, format!("count {count} exceeds maxCount {max_count}"));
+            return fail(
+                "aclrtMemset",
+                sys::ACL_ERROR_INVALID_PARAM,
+                format!("count {count} exceeds maxCount {max_count}"),
+            );
         }
         machine::with(|m| {
             if m.context().is_none() {
@@ -612,7 +641,11 @@ unsafe extern "C" fn get_mem_info(attr: sys::aclrtMemAttr, free: *mut usize, tot
             return fail("aclrtGetMemInfo", sys::ACL_ERROR_INVALID_PARAM, "free or total is null");
         }
         if attr > sys::ACL_MEM_P2P_HUGE1G {
-            return fail("aclrtGetMemInfo", sys::ACL_ERROR_INVALID_PARAM, format!("memory attribute {attr} is invalid"));
+            return fail(
+                "aclrtGetMemInfo",
+                sys::ACL_ERROR_INVALID_PARAM,
+                format!("memory attribute {attr} is invalid"),
+            );
         }
         machine::with(|m| {
             let Some((_, c)) = m.context() else {
@@ -620,7 +653,11 @@ unsafe extern "C" fn get_mem_info(attr: sys::aclrtMemAttr, free: *mut usize, tot
             };
             let ddr = matches!(
                 attr,
-                sys::ACL_DDR_MEM | sys::ACL_DDR_MEM_HUGE | sys::ACL_DDR_MEM_NORMAL | sys::ACL_DDR_MEM_P2P_HUGE | sys::ACL_DDR_MEM_P2P_NORMAL
+                sys::ACL_DDR_MEM
+                    | sys::ACL_DDR_MEM_HUGE
+                    | sys::ACL_DDR_MEM_NORMAL
+                    | sys::ACL_DDR_MEM_P2P_HUGE
+                    | sys::ACL_DDR_MEM_P2P_NORMAL
             );
             let (f, t) = if ddr {
                 (0, 0)

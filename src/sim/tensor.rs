@@ -87,7 +87,16 @@ unsafe fn describe(
         // SAFETY: forwarded caller contract (a stride per view dim).
         unsafe { read_dims(stride, view_num) }?
     };
-    Some(SimTensor { original: storage.clone(), view, strides, offset, dtype, format, storage, data: data as usize as u64 })
+    Some(SimTensor {
+        original: storage.clone(),
+        view,
+        strides,
+        offset,
+        dtype,
+        format,
+        storage,
+        data: data as usize as u64,
+    })
 }
 
 unsafe extern "C" fn create_tensor(
@@ -148,9 +157,9 @@ unsafe extern "C" fn init_tensor(
             return sys::ACLNN_ERR_PARAM_NULLPTR;
         }
         // SAFETY: the caller passes arrays valid for their counts.
-        let Some(new) = (unsafe {
-            describe(view_dims, view_num, dtype, stride, offset, format, storage_dims, storage_num, data)
-        }) else {
+        let Some(new) =
+            (unsafe { describe(view_dims, view_num, dtype, stride, offset, format, storage_dims, storage_num, data) })
+        else {
             errmsg::aclnn_param("aclInitTensor: viewDims or storageDims is null with a non-zero count");
             return sys::ACLNN_ERR_PARAM_NULLPTR;
         };

@@ -42,8 +42,7 @@ impl LibraryGroup {
 
     /// The group that exports `symbol`.
     pub fn of_symbol(symbol: &str) -> LibraryGroup {
-        const NNOPBASE: &[&str] =
-            &["aclCreateTensor", "aclInitTensor", "aclDestroyTensor", "aclDestroyAclOpExecutor"];
+        const NNOPBASE: &[&str] = &["aclCreateTensor", "aclInitTensor", "aclDestroyTensor", "aclDestroyAclOpExecutor"];
         if symbol.starts_with("aclnn") {
             LibraryGroup::Operators
         } else if NNOPBASE.contains(&symbol) {
@@ -266,10 +265,7 @@ mod tests {
         assert_eq!(LibraryGroup::of_symbol("aclrtMalloc"), LibraryGroup::Runtime);
         assert_eq!(LibraryGroup::of_symbol("aclGetRecentErrMsg"), LibraryGroup::Runtime);
         assert_eq!(LibraryGroup::of_symbol("aclCreateTensor"), LibraryGroup::Nnopbase);
-        assert_eq!(
-            LibraryGroup::of_symbol("aclnnConvertWeightToINT4PackGetWorkspaceSize"),
-            LibraryGroup::Operators
-        );
+        assert_eq!(LibraryGroup::of_symbol("aclnnConvertWeightToINT4PackGetWorkspaceSize"), LibraryGroup::Operators);
     }
 
     #[test]
