@@ -79,7 +79,11 @@ impl Runtime {
         let init = api.aclInit()?;
         // SAFETY: a null config path is documented as "no configuration file".
         let code = unsafe { init(std::ptr::null()) };
-        if code != sys::ACL_ERROR_REPEAT_INITIALIZE {
+        if code == sys::ACL_ERROR_REPEAT_INITIALIZE {
+            // Already initialised in this process: fine, but do not leave the runtime's note
+            // about it to be mistaken for the reason of a later failure.
+            let _ = crate::error::recent_message(&api);
+        } else {
             check_runtime(&api, "aclInit", code)?;
         }
         Ok(Runtime { inner: Arc::new(RuntimeInner { api, backend: name }) })

@@ -190,6 +190,26 @@ impl PackedWeight {
         Tensor::new(&self.buffer, self.layout.desc.clone())
     }
 
+    /// A read-only `(k, n)` view of a weight packed as `(n, k)`, the transposed form
+    /// `aclnnWeightQuantBatchMatmulV2` takes: the view's last two dims swapped, strides
+    /// `(1, packed k)`, over the same storage. 2D weights only.
+    pub fn transposed_tensor(&self) -> Result<Tensor<'_>> {
+        let d = &self.layout.desc;
+        if d.view.len() != 2 {
+            return Err(Error::invalid("packed weight", format!("view {:?}", d.view), "a 2D packed weight"));
+        }
+        let view = [d.view[1], d.view[0]];
+        let desc = TensorDesc {
+            dtype: d.dtype,
+            format: d.format,
+            view: view.to_vec(),
+            strides: vec![1, view[0]],
+            offset: 0,
+            storage: d.storage.clone(),
+        };
+        Tensor::new(&self.buffer, desc)
+    }
+
     /// The packed bytes, as the device holds them.
     pub fn to_host_bytes(&self) -> Result<Vec<u8>> {
         let mut bytes = self.buffer.to_vec()?;

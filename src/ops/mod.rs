@@ -1,3 +1,4 @@
 //! aclnn operators.
 
 pub mod int4pack;
+pub mod wqbmm;

@@ -67,6 +67,8 @@ pub struct SimStats {
     pub live_tensors: usize,
     /// Live pinned host buffers.
     pub live_host_buffers: usize,
+    /// Operator executors from phase 1 never launched nor destroyed.
+    pub live_executors: usize,
     /// Devices currently held by `aclrtSetDevice`.
     pub devices_in_use: usize,
     /// Bytes moved per copy kind since the last [`reset_counters`].
@@ -97,9 +99,23 @@ pub(crate) struct Stream {
     pub queue: Vec<Task>,
 }
 
+/// A simulated device kernel: runs on the machine when its stream is synchronized.
+pub(crate) type KernelFn = Box<dyn FnOnce(&mut Machine) -> Result<(), String> + Send>;
+
 /// Work queued on a stream; run by `aclrtSynchronizeStream`.
 pub(crate) enum Task {
-    Copy { dst: u64, src: u64, count: u64, kind: sys::aclrtMemcpyKind },
+    Copy {
+        dst: u64,
+        src: u64,
+        count: u64,
+        kind: sys::aclrtMemcpyKind,
+    },
+    /// An operator launch; `ranges` lists the device memory it reads or writes.
+    Kernel {
+        name: &'static str,
+        ranges: Vec<(u64, u64)>,
+        run: KernelFn,
+    },
 }
 
 #[derive(Default)]
@@ -121,6 +137,8 @@ pub(crate) struct Machine {
     pub contexts: HashMap<u64, Context>,
     pub streams: HashMap<u64, Stream>,
     pub tensors: HashSet<usize>,
+    /// Executors handed out by phase 1 and not yet launched or destroyed, by handle.
+    pub executors: HashMap<u64, Box<dyn std::any::Any + Send>>,
     pub next_handle: u64,
     pub counters: CopyCounters,
     pub leaks: Vec<LeakReport>,
@@ -171,6 +189,7 @@ impl Machine {
             contexts: HashMap::new(),
             streams: HashMap::new(),
             tensors: HashSet::new(),
+            executors: HashMap::new(),
             next_handle: HANDLE_BASE,
             counters: CopyCounters::default(),
             leaks: Vec::new(),
@@ -290,6 +309,7 @@ impl Machine {
                 // contract (as on hardware) requires them to stay valid until the stream is
                 // synchronized.
                 Task::Copy { dst, src, count, kind } => unsafe { self.copy(dst, src, count, kind) },
+                Task::Kernel { name, run, .. } => run(self).map_err(|e| format!("{name}: {e}")),
             };
             if let Err(e) = r {
                 self.violations.push(format!("queued work on stream {stream:#x} failed: {e}"));
@@ -355,6 +375,25 @@ impl Machine {
         Ok(())
     }
 
+    /// Reads `len` bytes of device memory at `addr`.
+    pub fn read(&self, addr: u64, len: u64) -> Result<Vec<u8>, String> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let (base, off) = self.locate(addr, len)?;
+        Ok(self.bytes(base)[off as usize..(off + len) as usize].to_vec())
+    }
+
+    /// Writes `data` to device memory at `addr`.
+    pub fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), String> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let (base, off) = self.locate(addr, data.len() as u64)?;
+        self.bytes_mut(base)[off as usize..off as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
     pub fn memset(&mut self, dst: u64, value: u8, count: u64) -> Result<(), String> {
         if !Self::is_device_address(dst) {
             return Err(format!("aclrtMemset target {dst:#x} is not device memory"));
@@ -402,8 +441,10 @@ impl Machine {
 impl Task {
     fn touches(&self, base: u64, len: u64) -> bool {
         let within = |a: u64| a >= base && a < base + len;
-        let Task::Copy { dst, src, .. } = *self;
-        within(dst) || within(src)
+        match self {
+            Task::Copy { dst, src, .. } => within(*dst) || within(*src),
+            Task::Kernel { ranges, .. } => ranges.iter().any(|(a, n)| *a < base + len && base < a + n),
+        }
     }
 }
 
@@ -458,11 +499,13 @@ pub(crate) fn configure(config: SimConfig) -> Result<(), SimError> {
         let initialized = m.initialized;
         let keep = (std::mem::take(&mut m.leaks), std::mem::take(&mut m.violations), m.counters);
         let tensors = std::mem::take(&mut m.tensors);
+        let executors = std::mem::take(&mut m.executors);
         let host = std::mem::take(&mut m.host_buffers);
         *m = Machine::new(config);
         m.initialized = initialized;
         (m.leaks, m.violations, m.counters) = keep;
         m.tensors = tensors;
+        m.executors = executors;
         m.host_buffers = host;
         Ok(())
     })
@@ -477,6 +520,7 @@ pub fn stats() -> SimStats {
         live_contexts: m.contexts.values().filter(|c| c.user).count(),
         live_tensors: m.tensors.len(),
         live_host_buffers: m.host_buffers.len(),
+        live_executors: m.executors.len(),
         devices_in_use: m.devices.iter().filter(|d| d.set_count > 0).count(),
         copies: m.counters,
         leaks: m.leaks.clone(),

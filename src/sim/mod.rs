@@ -17,6 +17,7 @@ mod int4pack;
 mod machine;
 mod runtime;
 mod tensor;
+mod wqbmm;
 
 use aclnn_sys::FunctionTable;
 
@@ -93,5 +94,6 @@ pub fn table() -> FunctionTable {
     runtime::fill(&mut t);
     tensor::fill(&mut t);
     int4pack::fill(&mut t);
+    wqbmm::fill(&mut t);
     t
 }

@@ -388,6 +388,15 @@ fn resolve_stream(m: &Machine, api: &str, stream: sys::aclrtStream) -> Result<u6
     }
 }
 
+/// The live stream a handle names (null: the current context's default stream), if any.
+pub(crate) fn stream_handle(m: &Machine, stream: sys::aclrtStream) -> Option<u64> {
+    if stream.is_null() {
+        return m.context().map(|(_, c)| c.default_stream);
+    }
+    let h = stream as usize as u64;
+    m.streams.contains_key(&h).then_some(h)
+}
+
 unsafe extern "C" fn destroy_stream(stream: sys::aclrtStream) -> aclError {
     entry!("aclrtDestroyStream", {
         machine::with(|m| {

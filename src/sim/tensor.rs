@@ -34,6 +34,34 @@ pub(super) fn fill(t: &mut FunctionTable) {
     t.aclDestroyAclOpExecutor = Some(destroy_executor);
 }
 
+/// Bits per element of a dtype as the operators read it (0 if unknown).
+pub(crate) fn dtype_bits(dtype: sys::aclDataType) -> u64 {
+    match dtype {
+        sys::ACL_INT4 | sys::ACL_FLOAT4_E2M1 | sys::ACL_FLOAT4_E1M2 => 4,
+        other => super::runtime::data_type_size(other) as u64 * 8,
+    }
+}
+
+/// The device range `(address, bytes)` a tensor describes: from its base plus offset to the last
+/// element its view reaches (ND), or its whole storage (private formats such as NZ).
+pub(crate) fn tensor_span(t: &SimTensor) -> (u64, u64) {
+    let bits = dtype_bits(t.dtype);
+    let elements = if t.format == sys::ACL_FORMAT_FRACTAL_NZ {
+        t.storage.iter().fold(1u64, |acc, d| acc.saturating_mul((*d).max(0) as u64))
+    } else if t.view.iter().any(|d| *d <= 0) {
+        0
+    } else {
+        let last = t.view.iter().zip(&t.strides).fold(t.offset.max(0) as u64, |acc, (d, s)| {
+            acc.saturating_add(((*d - 1) as u64).saturating_mul((*s).max(0) as u64))
+        });
+        last.saturating_add(1)
+    };
+    let start = t.data.saturating_add((t.offset.max(0) as u64).saturating_mul(bits) / 8);
+    let span_from_base = elements.saturating_mul(bits).div_ceil(8);
+    let offset_bytes = start - t.data;
+    (start, span_from_base.saturating_sub(offset_bytes))
+}
+
 /// Row-major strides of `dims`.
 pub(crate) fn contiguous_strides(dims: &[i64]) -> Vec<i64> {
     let mut strides = vec![1i64; dims.len()];
@@ -191,12 +219,16 @@ unsafe extern "C" fn destroy_tensor(tensor: *const aclTensor) -> aclnnStatus {
 
 unsafe extern "C" fn destroy_executor(executor: *mut sys::aclOpExecutor) -> aclnnStatus {
     entry!("aclDestroyAclOpExecutor", {
-        // The simulated operators never hand out executors, so any non-null one is foreign.
         if executor.is_null() {
             errmsg::aclnn_param("Expected a proper executor but got null.");
             return sys::ACLNN_ERR_PARAM_NULLPTR;
         }
-        errmsg::aclnn_param("aclDestroyAclOpExecutor: not an executor created by this library");
-        sys::ACLNN_ERR_PARAM_INVALID
+        match machine::with(|m| m.executors.remove(&(executor as usize as u64))) {
+            Some(_) => sys::ACLNN_SUCCESS,
+            None => {
+                errmsg::aclnn_param("aclDestroyAclOpExecutor: not a live executor (launched or destroyed already?)");
+                sys::ACLNN_ERR_PARAM_INVALID
+            }
+        }
     })
 }

@@ -230,10 +230,19 @@ fn open_group(config: &LoaderConfig, group: LibraryGroup) -> Result<Vec<Opened>,
                     break;
                 }
             }
-            Err(e) => tried.push(format!("{}: {e}", candidate.display())),
+            Err(e) => tried.push(format!("{}: {}", candidate.display(), describe(&e))),
         }
     }
     if opened.is_empty() { Err(LoadError::LibraryNotFound { group, tried }) } else { Ok(opened) }
+}
+
+/// The loader's error with its cause (libloading keeps the dlerror text in the source).
+fn describe(e: &libloading::Error) -> String {
+    use std::error::Error as _;
+    match e.source() {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
 }
 
 fn open_library(path: &std::path::Path) -> Result<Library, libloading::Error> {

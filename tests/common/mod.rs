@@ -68,6 +68,7 @@ impl Harness {
             assert_eq!(stats.live_contexts, 0, "leaked contexts: {stats:?}");
             assert_eq!(stats.live_tensors, 0, "leaked tensors: {stats:?}");
             assert_eq!(stats.live_host_buffers, 0, "leaked pinned buffers: {stats:?}");
+            assert_eq!(stats.live_executors, 0, "leaked executors: {stats:?}");
             assert!(stats.leaks.is_empty(), "leak reports: {:?}", stats.leaks);
             assert!(stats.violations.is_empty(), "violations: {:?}", stats.violations);
         }
