@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Scale {
-    PerTensor,
-    PerChannel,
-    PerGroup(usize),
+    WholeTensor,
+    Channel,
+    Group(usize),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -52,9 +52,9 @@ fn upload(stream: &Arc<Stream>, bf: bool, values: &[f32]) -> DeviceBuffer<u16> {
 /// Random data for a case; offsets of zero stand for "no offset tensor".
 fn data(c: &Case, rng: &mut fastrand::Rng) -> (HostW4A16, Vec<i64>) {
     let (count, scale_shape) = match c.scale {
-        Scale::PerTensor => (1, vec![1]),
-        Scale::PerChannel => (c.n, vec![1, c.n as i64]),
-        Scale::PerGroup(g) => (c.k.div_ceil(g) * c.n, vec![c.k.div_ceil(g) as i64, c.n as i64]),
+        Scale::WholeTensor => (1, vec![1]),
+        Scale::Channel => (c.n, vec![1, c.n as i64]),
+        Scale::Group(g) => (c.k.div_ceil(g) * c.n, vec![c.k.div_ceil(g) as i64, c.n as i64]),
     };
     let p = HostW4A16 {
         m: c.m,
@@ -66,7 +66,7 @@ fn data(c: &Case, rng: &mut fastrand::Rng) -> (HostW4A16, Vec<i64>) {
         offset: (0..count).map(|_| if c.offset { round(c.bf16, rng.f32() * 2.0 - 1.0) } else { 0.0 }).collect(),
         bias: if c.bias { (0..c.n).map(|_| round(c.bf16, rng.f32() - 0.5)).collect() } else { Vec::new() },
         group_size: match c.scale {
-            Scale::PerGroup(g) => g,
+            Scale::Group(g) => g,
             _ => 0,
         },
         bf16: c.bf16,
@@ -130,7 +130,7 @@ fn run(c: Case, swap_nibbles: bool) -> aclnn::Result<(Vec<f32>, Vec<f32>, u64)> 
                 antiquant_offset: c.offset.then_some(&offset),
                 bias: c.bias.then_some(&bias),
                 antiquant_group_size: match c.scale {
-                    Scale::PerGroup(g) => g as i32,
+                    Scale::Group(g) => g as i32,
                     _ => 0,
                 },
             };
@@ -154,17 +154,17 @@ const RTOL: f32 = 1e-3;
 fn seed_scenario_every_accepted_pack_variant_matches_the_golden() {
     use Container::*;
     let cases = [
-        Case::seed(ThirtyTwoBit, Format::Nd, false, Scale::PerChannel),
-        Case::seed(ThirtyTwoBit, Format::Nd, true, Scale::PerChannel),
-        Case::seed(FourBit, Format::Nd, false, Scale::PerChannel),
-        Case::seed(FourBit, Format::Nd, true, Scale::PerChannel),
-        Case::seed(ThirtyTwoBit, Format::FractalNz, true, Scale::PerChannel),
-        Case::seed(FourBit, Format::FractalNz, true, Scale::PerChannel),
-        Case::seed(ThirtyTwoBit, Format::Nd, false, Scale::PerGroup(32)),
-        Case::seed(FourBit, Format::Nd, true, Scale::PerGroup(32)),
-        Case::seed(ThirtyTwoBit, Format::Nd, false, Scale::PerTensor),
-        Case { k: 128, n: 64, ..Case::seed(FourBit, Format::FractalNz, false, Scale::PerGroup(64)) },
-        Case { k: 256, n: 128, ..Case::seed(ThirtyTwoBit, Format::FractalNz, false, Scale::PerGroup(128)) },
+        Case::seed(ThirtyTwoBit, Format::Nd, false, Scale::Channel),
+        Case::seed(ThirtyTwoBit, Format::Nd, true, Scale::Channel),
+        Case::seed(FourBit, Format::Nd, false, Scale::Channel),
+        Case::seed(FourBit, Format::Nd, true, Scale::Channel),
+        Case::seed(ThirtyTwoBit, Format::FractalNz, true, Scale::Channel),
+        Case::seed(FourBit, Format::FractalNz, true, Scale::Channel),
+        Case::seed(ThirtyTwoBit, Format::Nd, false, Scale::Group(32)),
+        Case::seed(FourBit, Format::Nd, true, Scale::Group(32)),
+        Case::seed(ThirtyTwoBit, Format::Nd, false, Scale::WholeTensor),
+        Case { k: 128, n: 64, ..Case::seed(FourBit, Format::FractalNz, false, Scale::Group(64)) },
+        Case { k: 256, n: 128, ..Case::seed(ThirtyTwoBit, Format::FractalNz, false, Scale::Group(128)) },
     ];
     for c in cases {
         let (y, gold, _) = run(c, false).unwrap();
@@ -179,10 +179,10 @@ fn seed_scenario_every_accepted_pack_variant_matches_the_golden() {
 fn bias_bf16_and_no_offset_variants() {
     use Container::*;
     for c in [
-        Case { bias: true, ..Case::seed(ThirtyTwoBit, Format::Nd, false, Scale::PerChannel) },
-        Case { bias: true, bf16: true, ..Case::seed(FourBit, Format::Nd, true, Scale::PerChannel) },
-        Case { offset: false, bf16: true, ..Case::seed(ThirtyTwoBit, Format::Nd, false, Scale::PerGroup(32)) },
-        Case { m: 1, k: 96, n: 48, bias: true, ..Case::seed(FourBit, Format::Nd, false, Scale::PerGroup(64)) },
+        Case { bias: true, ..Case::seed(ThirtyTwoBit, Format::Nd, false, Scale::Channel) },
+        Case { bias: true, bf16: true, ..Case::seed(FourBit, Format::Nd, true, Scale::Channel) },
+        Case { offset: false, bf16: true, ..Case::seed(ThirtyTwoBit, Format::Nd, false, Scale::Group(32)) },
+        Case { m: 1, k: 96, n: 48, bias: true, ..Case::seed(FourBit, Format::Nd, false, Scale::Group(64)) },
     ] {
         let (y, gold, _) = run(c, false).unwrap();
         let tol = if c.bf16 { 8e-3 } else { RTOL };
@@ -196,9 +196,9 @@ fn per_group_asks_for_a_workspace_and_gets_it() {
     if !common::on_sim() {
         return; // the real workspace size is tiling dependent
     }
-    let (_, _, ws) = run(Case::seed(Container::ThirtyTwoBit, Format::Nd, false, Scale::PerGroup(32)), false).unwrap();
+    let (_, _, ws) = run(Case::seed(Container::ThirtyTwoBit, Format::Nd, false, Scale::Group(32)), false).unwrap();
     assert_eq!(ws, 128 * 32 * 4);
-    let (_, _, ws) = run(Case::seed(Container::ThirtyTwoBit, Format::Nd, false, Scale::PerChannel), false).unwrap();
+    let (_, _, ws) = run(Case::seed(Container::ThirtyTwoBit, Format::Nd, false, Scale::Channel), false).unwrap();
     assert_eq!(ws, 0);
 }
 

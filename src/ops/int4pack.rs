@@ -291,7 +291,7 @@ fn operator_write_bytes(weight: &TensorDesc, pack: &TensorDesc, family: ChipFami
 
 /// Phase 1 of the operator on tensors the caller built, as a [`Plan`].
 ///
-/// Before calling CANN it synchronizes the weight's stream (the operator copies with the
+/// Before calling CANN it synchronizes the streams of both tensors (the operator copies with the
 /// synchronous `aclrtMemcpy` and ignores streams), and it refuses what would corrupt memory or
 /// data: a read-only `pack`, a view offset (ignored by the operator), a write larger than the
 /// pack's buffer, and unaligned 3D FRACTAL_NZ. Everything else is left to the operator's own
@@ -345,7 +345,12 @@ pub fn convert_weight_to_int4_pack_plan<'t>(weight: &'t Tensor<'_>, pack: &'t mu
             ));
         }
     }
+    // The operator copies synchronously and ignores streams: wait for queued work that writes
+    // the weight or still uses the output memory.
     weight.stream().synchronize()?;
+    if pack.stream().raw() != weight.stream().raw() {
+        pack.stream().synchronize()?;
+    }
     let device = weight.stream().device().clone();
     device.bind()?;
     let api = device.api();

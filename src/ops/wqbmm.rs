@@ -6,9 +6,11 @@ use std::sync::Arc;
 use aclnn_sys as sys;
 
 use crate::error::{Error, Result, check_aclnn};
+use crate::memory::DeviceBuffer;
+use crate::ops::int4pack::{PackOptions, convert_weight_to_int4_pack};
 use crate::plan::Plan;
 use crate::stream::Stream;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor, TensorDesc};
 use crate::workspace::Workspace;
 
 /// The inputs of one weight-quantised matmul. `y` (the output) is passed to [`plan`](Self::plan)
@@ -144,11 +146,11 @@ impl HostW4A16 {
 
     fn scale_index(&self, i: usize, j: usize) -> usize {
         if self.scale.len() == 1 {
-            0
-        } else if self.group_size > 0 {
-            (i / self.group_size) * self.n + j
-        } else {
-            j
+            return 0;
+        }
+        match i.checked_div(self.group_size) {
+            Some(group) => group * self.n + j,
+            None => j,
         }
     }
 
@@ -180,5 +182,86 @@ impl HostW4A16 {
     /// Largest `|got - golden| / max(|golden|, 1)`.
     pub fn max_error(got: &[f32], golden: &[f32]) -> f32 {
         got.iter().zip(golden).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0.0, f32::max)
+    }
+}
+
+impl HostW4A16 {
+    /// The seed scenario of torch_npu's W4A16 test: `x (m, k)` FLOAT16 in [-1, 1), int4 weights,
+    /// scale in [0.01, 0.1) and offset in [-1, 1) per channel (`group_size` 0) or per group,
+    /// drawn from `seed`.
+    pub fn seeded(m: usize, k: usize, n: usize, group_size: usize, seed: u64) -> HostW4A16 {
+        // A small xorshift keeps the library free of a random-number dependency; the data only
+        // has to be reproducible, not statistically strong.
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let groups = if group_size > 0 { k.div_ceil(group_size) } else { 1 };
+        let mut p = HostW4A16 { m, k, n, group_size, ..HostW4A16::default() };
+        p.x = (0..m * k).map(|_| p.round(next() * 2.0 - 1.0)).collect();
+        p.w = (0..k * n).map(|_| (next() * 16.0) as i32 - 8).collect();
+        p.scale = (0..groups * n).map(|_| p.round(0.01 + next() * 0.09)).collect();
+        p.offset = (0..groups * n).map(|_| p.round(next() * 2.0 - 1.0)).collect();
+        p
+    }
+
+    fn encode(&self, values: &[f32]) -> Vec<u16> {
+        values
+            .iter()
+            .map(|v| if self.bf16 { half::bf16::from_f32(*v).to_bits() } else { half::f16::from_f32(*v).to_bits() })
+            .collect()
+    }
+
+    /// Runs the problem on `stream`: packs `w` through `aclnnConvertWeightToINT4Pack` (as
+    /// `(k, n)`, or as `(n, k)` handed to the matmul transposed), uploads the rest, runs
+    /// `aclnnWeightQuantBatchMatmulV2`, and returns `y` and the workspace bytes it used.
+    pub fn run_on(&self, stream: &Arc<Stream>, options: PackOptions, transposed: bool) -> Result<(Vec<f32>, usize)> {
+        let (m, k, n) = (self.m, self.k, self.n);
+        let (source, shape) = if transposed {
+            ((0..n * k).map(|p| self.w[(p % k) * n + p / k]).collect::<Vec<i32>>(), [n as i64, k as i64])
+        } else {
+            (self.w.clone(), [k as i64, n as i64])
+        };
+        let wbuf = DeviceBuffer::from_host(stream, &source)?;
+        let packed = convert_weight_to_int4_pack(&Tensor::new(&wbuf, TensorDesc::nd(DType::Int32, &shape))?, options)?;
+        let weight = if transposed { packed.transposed_tensor()? } else { packed.tensor()? };
+        let act = if self.bf16 { DType::BFloat16 } else { DType::Float16 };
+        let groups = if self.group_size > 0 { k.div_ceil(self.group_size) } else { 1 };
+        let scale_shape: Vec<i64> = if self.scale.len() == 1 { vec![1] } else { vec![groups as i64, n as i64] };
+        let xb = DeviceBuffer::from_host(stream, &self.encode(&self.x))?;
+        let sb = DeviceBuffer::from_host(stream, &self.encode(&self.scale))?;
+        let ob = DeviceBuffer::from_host(stream, &self.encode(&self.offset))?;
+        let bias16 = DeviceBuffer::from_host(stream, &self.encode(&self.bias))?;
+        let bias32 = DeviceBuffer::from_host(stream, &self.bias)?;
+        let x = Tensor::new(&xb, TensorDesc::nd(act, &[m as i64, k as i64]))?;
+        let scale = Tensor::new(&sb, TensorDesc::nd(act, &scale_shape))?;
+        let offset =
+            if self.offset.is_empty() { None } else { Some(Tensor::new(&ob, TensorDesc::nd(act, &scale_shape))?) };
+        let bias = match (self.bias.is_empty(), self.bf16) {
+            (true, _) => None,
+            (false, false) => Some(Tensor::new(&bias16, TensorDesc::nd(DType::Float16, &[n as i64]))?),
+            (false, true) => Some(Tensor::new(&bias32, TensorDesc::nd(DType::Float, &[n as i64]))?),
+        };
+        let mut yb = DeviceBuffer::<u16>::alloc(stream, m * n)?;
+        let mut workspace = Workspace::new(stream);
+        {
+            let mut y = Tensor::new_mut(&mut yb, TensorDesc::nd(act, &[m as i64, n as i64]))?;
+            let op = WeightQuantMatmul {
+                antiquant_offset: offset.as_ref(),
+                bias: bias.as_ref(),
+                antiquant_group_size: self.group_size as i32,
+                ..WeightQuantMatmul::new(&x, &weight, &scale)
+            };
+            op.run(&mut y, stream, &mut workspace)?;
+        }
+        let y = yb
+            .to_vec()?
+            .into_iter()
+            .map(|b| if self.bf16 { half::bf16::from_bits(b).to_f32() } else { half::f16::from_bits(b).to_f32() })
+            .collect();
+        Ok((y, workspace.capacity()))
     }
 }

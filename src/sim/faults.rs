@@ -10,6 +10,18 @@ struct Fault {
 }
 
 static FAULTS: Mutex<Option<HashMap<&'static str, Vec<Fault>>>> = Mutex::new(None);
+static CALLS: Mutex<Option<HashMap<&'static str, u64>>> = Mutex::new(None);
+
+/// How many times each simulated C function was called since the last [`reset_call_counts`]
+/// (the injection points a fault sweep can target).
+pub fn call_counts() -> HashMap<&'static str, u64> {
+    CALLS.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default()
+}
+
+/// Zeroes the per-function call counters.
+pub fn reset_call_counts() {
+    *CALLS.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}
 
 /// Makes call number `nth` (1 = the next call) of `api` return `code` without doing anything.
 /// Returns `false` (and arms nothing) if `api` is not a simulated function name or `nth` is 0.
@@ -32,6 +44,7 @@ pub fn clear_faults() {
 
 /// Called at the top of every simulated function: the code to fail with, if a fault fires now.
 pub(crate) fn check(api: &'static str) -> Option<i32> {
+    *CALLS.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashMap::new).entry(api).or_insert(0) += 1;
     let mut guard = FAULTS.lock().unwrap_or_else(|e| e.into_inner());
     let faults = guard.as_mut()?.get_mut(api)?;
     let mut fired = None;

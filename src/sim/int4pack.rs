@@ -371,3 +371,59 @@ fn transform(w: &SimTensor, pack_ptr: *mut aclTensor, p: &SimTensor, nz: bool, f
 pub(crate) fn original_shape(t: *const aclTensor) -> Option<Vec<i64>> {
     with_tensor(t, |t| t.original.clone())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The NZ side effect: the pack descriptor's original shape becomes its view shape, even
+    /// though the public getters cannot see it.
+    #[test]
+    fn nz_pack_records_the_original_shape() {
+        let t = super::super::table();
+        // SAFETY: every call gets valid pointers and sizes; the simulator checks the rest.
+        unsafe {
+            let init = t.aclInit.unwrap()(std::ptr::null());
+            assert!(init == 0 || init == sys::ACL_ERROR_REPEAT_INITIALIZE);
+            assert_eq!(t.aclrtSetDevice.unwrap()(0), 0);
+            let (mut w, mut p) = (std::ptr::null_mut(), std::ptr::null_mut());
+            assert_eq!(t.aclrtMalloc.unwrap()(&mut w, 16 * 64 * 4, 0), 0);
+            assert_eq!(t.aclrtMalloc.unwrap()(&mut p, 1024, 0), 0);
+            let weight_dims = [16i64, 64];
+            let pack_dims = [16i64, 8];
+            let storage = [1i64, 1, 16, 8];
+            let create = t.aclCreateTensor.unwrap();
+            let wt = create(
+                weight_dims.as_ptr(),
+                2,
+                sys::ACL_INT32,
+                std::ptr::null(),
+                0,
+                sys::ACL_FORMAT_ND,
+                weight_dims.as_ptr(),
+                2,
+                w,
+            );
+            let pt = create(
+                pack_dims.as_ptr(),
+                2,
+                sys::ACL_INT32,
+                std::ptr::null(),
+                0,
+                sys::ACL_FORMAT_FRACTAL_NZ,
+                storage.as_ptr(),
+                4,
+                p,
+            );
+            assert_eq!(original_shape(pt), Some(storage.to_vec()));
+            let (mut ws, mut ex) = (0u64, std::ptr::null_mut());
+            assert_eq!(get_workspace_size(wt, pt, &mut ws, &mut ex), 0);
+            assert_eq!(original_shape(pt), Some(pack_dims.to_vec()));
+            assert_eq!(t.aclDestroyTensor.unwrap()(wt), 0);
+            assert_eq!(t.aclDestroyTensor.unwrap()(pt), 0);
+            assert_eq!(t.aclrtFree.unwrap()(w), 0);
+            assert_eq!(t.aclrtFree.unwrap()(p), 0);
+            assert_eq!(t.aclrtResetDevice.unwrap()(0), 0);
+        }
+    }
+}

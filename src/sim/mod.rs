@@ -21,7 +21,7 @@ mod wqbmm;
 
 use aclnn_sys::FunctionTable;
 
-pub use faults::{clear_faults, inject_fault};
+pub use faults::{call_counts, clear_faults, inject_fault, reset_call_counts};
 pub use machine::{CopyCounters, LeakReport, SimStats, reset_counters, stats, take_reports};
 
 /// SoC name of an Atlas A2 part (Ascend 910B, NZ C0 = 32 bytes).

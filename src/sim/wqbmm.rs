@@ -524,13 +524,7 @@ impl Job {
         };
         let per_elem = |i: usize, j: usize| -> usize {
             let elems: i64 = self.scale.view.iter().product();
-            if elems == 1 {
-                0
-            } else if self.group > 0 {
-                (i / self.group) * n + j
-            } else {
-                j
-            }
+            if elems == 1 { 0 } else { i.checked_div(self.group).map_or(j, |g| g * n + j) }
         };
         // Dequantised weight, in the activation dtype.
         let mut deq = vec![0f32; k * n];

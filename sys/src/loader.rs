@@ -225,8 +225,11 @@ fn open_group(config: &LoaderConfig, group: LibraryGroup) -> Result<Vec<Opened>,
                 let name = group.file_names().iter().find(|n| **n == file_name).copied().unwrap_or("");
                 names_done.push(name);
                 opened.push(Opened { path: candidate.display().to_string(), lib });
-                // The runtime and nnopbase need one file; operators may be split across several.
-                if group != LibraryGroup::Operators {
+                // The runtime and nnopbase need one file. Operators: CANN 8.5+ ships per-repository
+                // libraries (libopapi_nn.so) that must not be mixed with the deprecated aggregate
+                // libopapi.so; older releases split operators over libopapi.so and the
+                // libaclnn_*.so domains, which are all kept.
+                if group != LibraryGroup::Operators || name == "libopapi_nn.so" {
                     break;
                 }
             }
@@ -261,6 +264,7 @@ fn open_library(path: &std::path::Path) -> Result<Library, libloading::Error> {
 }
 
 /// Cheap probe: can the ACL runtime library be opened with the environment's configuration?
+/// It really opens the library (running its initialisers) and closes it again.
 pub fn is_available() -> bool {
     open_group(&LoaderConfig::from_env(), LibraryGroup::Runtime).is_ok()
 }
