@@ -119,20 +119,7 @@ impl PackLayout {
                     c0: family.nz_c0_bytes(tile[3]),
                 };
                 if rank == 3 && !geom.is_aligned() {
-                    return Err(Error::invalid(
-                        "weight shape",
-                        format!(
-                            "3D weight {weight_shape:?} in FRACTAL_NZ has k = {k} and {} bytes per row; CANN's \
-                             operator offsets each group by its unpadded size, so groups overlap and the \
-                             packed data is corrupted",
-                            n / 2
-                        ),
-                        format!(
-                            "k a multiple of 16 and n a multiple of {} for 3D NZ; otherwise pack in ND, or \
-                             pack each group as its own 2D weight",
-                            geom.c0 * 2
-                        ),
-                    ));
+                    return Err(unaligned_3d_nz(weight_shape, geom));
                 }
                 let mut storage = Vec::with_capacity(5);
                 if rank == 3 {
@@ -151,6 +138,23 @@ impl PackLayout {
         };
         Ok(PackLayout { kind, options, weight_shape: weight_shape.to_vec(), desc, bytes, nz })
     }
+}
+
+/// The refusal of 3D FRACTAL_NZ shapes whose groups CANN's operator would overlap.
+fn unaligned_3d_nz(weight_shape: &[i64], geom: NzGeometry) -> Error {
+    Error::invalid(
+        "weight shape",
+        format!(
+            "3D weight {weight_shape:?} in FRACTAL_NZ has k = {} and {} bytes per row; CANN's operator offsets \
+             each group by its unpadded size, so groups overlap and the packed data is corrupted",
+            geom.rows, geom.row_bytes
+        ),
+        format!(
+            "k a multiple of 16 and n a multiple of {} for 3D NZ; otherwise pack in ND, or pack each group as \
+             its own 2D weight",
+            geom.c0 * 2
+        ),
+    )
 }
 
 fn packed_dtype(kind: WeightKind, container: Container) -> DType {
@@ -282,6 +286,9 @@ fn operator_write_bytes(weight: &TensorDesc, pack: &TensorDesc, family: ChipFami
         return Some(elements / 2);
     }
     let rank = weight.view.len();
+    if rank < 2 {
+        return None; // the operator's own rank check reports it
+    }
     let (kk, n) = (weight.view[rank - 2] as u64, weight.view[rank - 1] as u64);
     let groups = if rank == 3 { weight.view[0] as u64 } else { 1 };
     let c0 = family.nz_c0_bytes(pack.storage.last().copied().unwrap_or(0)) as u64;
@@ -323,14 +330,18 @@ pub fn convert_weight_to_int4_pack_plan<'t>(weight: &'t Tensor<'_>, pack: &'t mu
     let family = chip_family(weight.stream())?;
     let rank = weight.desc().view.len();
     if pack.desc().format == Format::FractalNz && rank == 3 && weight.desc().view.iter().all(|d| *d > 0) {
-        // Same refusal as `PackLayout::new`, for hand-made descriptors.
-        let kind = weight_kind(weight.desc().dtype)?;
-        let container = if matches!(pack.desc().dtype, DType::Int4 | DType::Float4E2M1) {
-            Container::FourBit
-        } else {
-            Container::ThirtyTwoBit
+        // The same refusal as `PackLayout::new`, for hand-made descriptors, with the C0 the
+        // operator derives from this pack's storage.
+        let view = &weight.desc().view;
+        let geom = NzGeometry {
+            groups: view[0] as usize,
+            rows: view[1] as usize,
+            row_bytes: (view[2] / 2) as usize,
+            c0: family.nz_c0_bytes(pack.desc().storage.last().copied().unwrap_or(0)),
         };
-        PackLayout::new(&weight.desc().view, kind, PackOptions { container, format: Format::FractalNz }, family)?;
+        if !geom.is_aligned() {
+            return Err(unaligned_3d_nz(view, geom));
+        }
     }
     if let Some(write) = operator_write_bytes(weight.desc(), pack.desc(), family) {
         if write > pack.capacity_bytes() as u64 {

@@ -292,7 +292,9 @@ fn transform(w: &SimTensor, pack_ptr: *mut aclTensor, p: &SimTensor, nz: bool, f
     if bytes_in > 0 {
         let readable = machine::with(|m| m.check_copy(0x1000, w.data, bytes_in as u64, sys::ACL_MEMCPY_DEVICE_TO_HOST));
         if let Err(e) = readable {
-            errmsg::runtime("aclrtMemcpy", sys::ACL_ERROR_RT_PARAM_INVALID, &e);
+            // A null source fails the runtime's own null check (100000) before the driver copy.
+            let code = if w.data == 0 { sys::ACL_ERROR_INVALID_PARAM } else { sys::ACL_ERROR_RT_PARAM_INVALID };
+            errmsg::runtime("aclrtMemcpy", code, &e);
             errmsg::aclnn_inner("copy result from device to host failed.");
             return sys::ACLNN_ERR_RUNTIME_ERROR;
         }
