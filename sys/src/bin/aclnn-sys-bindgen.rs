@@ -7,7 +7,12 @@
 //!
 //! Headers come from `--include DIR`, else from `$ASCEND_HOME_PATH/include` or
 //! `$ASCEND_TOOLKIT_HOME/include` when they hold `acl/acl.h`, else from the project's own
-//! declarations in `sys/include/`. `--out FILE` writes elsewhere (e.g. for an ABI comparison).
+//! declarations in `sys/include/`. `--out FILE` writes elsewhere.
+//!
+//! `--abi-check DIR` compares the runtime subset (functions of `acl/acl.h`, their signatures, and
+//! every `ACL_*` constant and type both sides declare) of the project's headers with real ACL
+//! headers under `DIR` (e.g. `torch_npu/include` from the torch-npu wheel) and fails on any
+//! difference. Nothing from `DIR` is written anywhere.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -78,17 +83,23 @@ struct Args {
     include: Option<PathBuf>,
     out: Option<PathBuf>,
     check: bool,
+    abi_check: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { include: None, out: None, check: false };
+    let mut args = Args { include: None, out: None, check: false, abi_check: None };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--check" => args.check = true,
             "--include" => args.include = Some(it.next().ok_or("--include needs a directory")?.into()),
             "--out" => args.out = Some(it.next().ok_or("--out needs a file")?.into()),
-            other => return Err(format!("unknown argument `{other}` (expected --check, --include DIR, --out FILE)")),
+            "--abi-check" => args.abi_check = Some(it.next().ok_or("--abi-check needs a directory")?.into()),
+            other => {
+                return Err(format!(
+                    "unknown argument `{other}` (expected --check, --include DIR, --out FILE, --abi-check DIR)"
+                ));
+            }
         }
     }
     Ok(args)
@@ -190,6 +201,95 @@ fn to_table_source(raw: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// Runtime functions: the part of the table declared by `acl/acl.h`.
+fn runtime_functions() -> impl Iterator<Item = &'static str> {
+    FUNCTIONS.iter().copied().filter(|f| !f.starts_with("aclnn") && !NNOPBASE.contains(f))
+}
+
+const NNOPBASE: &[&str] = &["aclCreateTensor", "aclInitTensor", "aclDestroyTensor", "aclDestroyAclOpExecutor"];
+
+/// Runs bindgen over `<include>/acl/acl.h` for the runtime subset and returns, per item name, a
+/// normalised description: a function's parameter and return types, a constant's type and
+/// value, a type alias's target.
+fn runtime_items(include: &Path) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let header = include.join("acl/acl.h");
+    if !header.is_file() {
+        return Err(format!("{} does not exist", header.display()));
+    }
+    let mut builder = bindgen::Builder::default()
+        .header(header.to_string_lossy())
+        .clang_args(["-x", "c++", "-std=c++14"])
+        .clang_arg(format!("-I{}", include.display()))
+        .default_enum_style(bindgen::EnumVariation::Consts)
+        .prepend_enum_name(false)
+        .layout_tests(false)
+        .generate_comments(false)
+        .default_macro_constant_type(bindgen::MacroTypeVariation::Signed)
+        .allowlist_var("ACL_.*");
+    for f in runtime_functions() {
+        builder = builder.allowlist_function(f);
+    }
+    for t in TYPES.iter().filter(|t| !["aclnnStatus", "aclTensor", "aclOpExecutor"].contains(t)) {
+        builder = builder.allowlist_type(t);
+    }
+    let text = builder.generate().map_err(|e| format!("bindgen failed on {}: {e}", header.display()))?.to_string();
+    let file = syn::parse_file(&text).map_err(|e| e.to_string())?;
+    let mut items = std::collections::BTreeMap::new();
+    let norm = |t: proc_macro2::TokenStream| t.to_string().replace(":: std :: os :: raw :: ", "");
+    for item in file.items {
+        match item {
+            syn::Item::ForeignMod(block) => {
+                for f in block.items {
+                    if let syn::ForeignItem::Fn(f) = f {
+                        let ty_only: Vec<String> = f
+                            .sig
+                            .inputs
+                            .iter()
+                            .filter_map(|a| match a {
+                                syn::FnArg::Typed(t) => {
+                                    let ty = &t.ty;
+                                    Some(norm(quote!(#ty)))
+                                }
+                                syn::FnArg::Receiver(_) => None,
+                            })
+                            .collect();
+                        let output = &f.sig.output;
+                        items.insert(f.sig.ident.to_string(), format!("fn({}) {}", ty_only.join(", "), norm(quote!(#output))));
+                    }
+                }
+            }
+            syn::Item::Const(c) => {
+                let (ty, expr) = (&c.ty, &c.expr);
+                items.insert(c.ident.to_string(), format!("const {} = {}", norm(quote!(#ty)), norm(quote!(#expr))));
+            }
+            syn::Item::Type(t) => {
+                let ty = &t.ty;
+                items.insert(t.ident.to_string(), format!("type {}", norm(quote!(#ty))));
+            }
+            _ => {}
+        }
+    }
+    Ok(items)
+}
+
+/// Compares the project's runtime declarations with real headers: every function must exist
+/// with the same types; constants and types both declare must agree.
+fn abi_check(ours_dir: &Path, theirs_dir: &Path) -> Result<usize, String> {
+    let ours = runtime_items(ours_dir)?;
+    let theirs = runtime_items(theirs_dir)?;
+    let mut problems = Vec::new();
+    let mut compared = 0;
+    for (name, mine) in &ours {
+        match theirs.get(name) {
+            Some(real) if real == mine => compared += 1,
+            Some(real) => problems.push(format!("{name}: ours `{mine}`, real headers `{real}`")),
+            None if mine.starts_with("fn(") => problems.push(format!("{name}: not declared by the real headers")),
+            None => {} // a constant or type the real runtime headers do not carry (e.g. elsewhere)
+        }
+    }
+    if problems.is_empty() { Ok(compared) } else { Err(problems.join("\n")) }
+}
+
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
@@ -199,6 +299,18 @@ fn main() -> ExitCode {
         }
     };
     let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if let Some(real) = args.abi_check {
+        return match abi_check(&crate_dir.join("include"), &real) {
+            Ok(n) => {
+                println!("ABI check: {n} runtime functions, constants and types identical to {}", real.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("aclnn-sys-bindgen: ABI differences against {}:\n{e}", real.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let include = include_dir(args.include, &crate_dir);
     let generated = match run_bindgen(&crate_dir, &include).and_then(|raw| to_table_source(&raw)) {
         Ok(s) => s,
