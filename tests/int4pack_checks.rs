@@ -9,12 +9,11 @@
 
 mod common;
 
-use std::ffi::{CStr, c_void};
+use std::ffi::c_void;
 use std::ptr;
-use std::sync::Arc;
 
 use aclnn::sys::{self, Api, aclOpExecutor, aclTensor};
-use aclnn::{ChipFamily, Device, DeviceBuffer, Stream};
+use aclnn::{ChipFamily, DeviceBuffer};
 
 const SUCCESS: i32 = sys::ACLNN_SUCCESS;
 const NULLPTR: i32 = sys::ACLNN_ERR_PARAM_NULLPTR;
@@ -29,10 +28,7 @@ const FLOAT: sys::aclDataType = sys::ACL_FLOAT;
 const INT4: sys::aclDataType = sys::ACL_INT4;
 const FP4: sys::aclDataType = sys::ACL_FLOAT4_E2M1;
 
-#[cfg(feature = "sim")]
-const SOC_950: &str = aclnn::sim::SOC_950;
-#[cfg(not(feature = "sim"))]
-const SOC_950: &str = "Ascend950PR_9599";
+use common::{Rig, SOC_950, recent_message};
 
 // ---------------------------------------------------------------------------------------------
 // Raw helpers
@@ -141,37 +137,6 @@ impl Drop for RawTensor<'_> {
         if !std::thread::panicking() {
             assert_eq!(code, SUCCESS, "aclDestroyTensor");
         }
-    }
-}
-
-/// A device and a stream of the harness's runtime.
-struct Rig {
-    device: Arc<Device>,
-    stream: Arc<Stream>,
-}
-
-impl Rig {
-    fn new(h: &common::Harness) -> Rig {
-        let device = h.runtime.device(0).expect("device 0");
-        let stream = device.new_stream().expect("stream");
-        Rig { device, stream }
-    }
-
-    fn family(&self) -> ChipFamily {
-        ChipFamily::from_soc_name(&self.device.soc_name().expect("soc name"))
-    }
-}
-
-/// Drains and returns the thread's recent error text (`aclGetRecentErrMsg`).
-fn recent_message(api: &Api) -> String {
-    let f = api.aclGetRecentErrMsg().expect("aclGetRecentErrMsg");
-    // SAFETY: no arguments; null or a NUL-terminated string valid until the next call.
-    let p = unsafe { f() };
-    if p.is_null() {
-        String::new()
-    } else {
-        // SAFETY: non-null and NUL-terminated; copied at once.
-        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
     }
 }
 

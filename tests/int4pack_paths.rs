@@ -7,47 +7,20 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use aclnn::ops::int4pack::{
     PackLayout, PackOptions, WeightKind, convert_weight_to_int4_pack, convert_weight_to_int4_pack_plan,
     pack_fp4_on_host, pack_int4_on_host, reference_pack_int4,
 };
 use aclnn::{
-    ChipFamily, Container, DType, Device, DeviceBuffer, Error, Format, PinnedHostBuffer, Stream, Tensor, TensorDesc,
-    Workspace,
+    ChipFamily, Container, DType, DeviceBuffer, Error, Format, PinnedHostBuffer, Tensor, TensorDesc, Workspace,
 };
 use proptest::prelude::*;
 
-#[cfg(feature = "sim")]
-const SOC_A2: &str = aclnn::sim::SOC_A2;
-#[cfg(not(feature = "sim"))]
-const SOC_A2: &str = "Ascend910B3";
-#[cfg(feature = "sim")]
-const SOC_950: &str = aclnn::sim::SOC_950;
-#[cfg(not(feature = "sim"))]
-const SOC_950: &str = "Ascend950PR_9599";
+use common::{Rig, SOC_950, SOC_A2};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-struct Rig {
-    device: Arc<Device>,
-    stream: Arc<Stream>,
-}
-
-impl Rig {
-    fn new(h: &common::Harness) -> Rig {
-        let device = h.runtime.device(0).expect("device 0");
-        let stream = device.new_stream().expect("stream");
-        Rig { device, stream }
-    }
-
-    fn family(&self) -> ChipFamily {
-        ChipFamily::from_soc_name(&self.device.soc_name().expect("soc name"))
-    }
-}
 
 fn opts(container: Container, format: Format) -> PackOptions {
     PackOptions { container, format }

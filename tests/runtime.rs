@@ -214,7 +214,7 @@ mod simulator {
             sys::ACL_ERROR_RT_PARAM_INVALID
         );
         assert_eq!(raw_free(api, dev), sys::ACL_ERROR_RT_PARAM_INVALID);
-        let text = recent(api);
+        let text = common::recent_message(api);
         assert!(text.contains("already freed"), "{text}");
         // aclrtMalloc rules: size 0 refused; capacity exhausted gives the real OOM code.
         assert_eq!(raw_malloc(api, 0).0, sys::ACL_ERROR_INVALID_PARAM);
@@ -222,16 +222,6 @@ mod simulator {
         assert_eq!(code, sys::ACL_ERROR_RT_MEMORY_ALLOCATION);
         drop(device);
         h.assert_clean();
-    }
-
-    fn recent(api: &sys::Api) -> String {
-        // SAFETY: returns null or a NUL-terminated string valid until the next call.
-        let p = unsafe { api.aclGetRecentErrMsg().unwrap()() };
-        if p.is_null() {
-            return String::new();
-        }
-        // SAFETY: non-null, NUL-terminated.
-        unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
     }
 
     #[test]

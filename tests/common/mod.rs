@@ -2,9 +2,10 @@
 //! so the same test bodies run on the simulated device and on a real NPU host.
 #![allow(dead_code)]
 
-use std::sync::{Mutex, MutexGuard};
+use std::ffi::CStr;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use aclnn::{Backend, Runtime};
+use aclnn::{Backend, ChipFamily, Device, Runtime, Stream};
 
 /// The simulated machine is process-wide (like a driver): tests that check its counters or
 /// reconfigure it run one at a time.
@@ -41,9 +42,45 @@ pub fn harness() -> Harness {
 }
 
 #[cfg(feature = "sim")]
-pub const DEFAULT_SOC: &str = aclnn::sim::SOC_A2;
+pub const SOC_A2: &str = aclnn::sim::SOC_A2;
 #[cfg(not(feature = "sim"))]
-pub const DEFAULT_SOC: &str = "Ascend910B3";
+pub const SOC_A2: &str = "Ascend910B3";
+#[cfg(feature = "sim")]
+pub const SOC_950: &str = aclnn::sim::SOC_950;
+#[cfg(not(feature = "sim"))]
+pub const SOC_950: &str = "Ascend950PR_9599";
+pub const DEFAULT_SOC: &str = SOC_A2;
+
+/// A device and a stream of the harness's runtime.
+pub struct Rig {
+    pub device: Arc<Device>,
+    pub stream: Arc<Stream>,
+}
+
+impl Rig {
+    pub fn new(h: &Harness) -> Rig {
+        let device = h.runtime.device(0).expect("device 0");
+        let stream = device.new_stream().expect("stream");
+        Rig { device, stream }
+    }
+
+    pub fn family(&self) -> ChipFamily {
+        ChipFamily::from_soc_name(&self.device.soc_name().expect("soc name"))
+    }
+}
+
+/// Drains and returns the thread's recent error text (`aclGetRecentErrMsg`), empty if none.
+pub fn recent_message(api: &aclnn::sys::Api) -> String {
+    let f = api.aclGetRecentErrMsg().expect("aclGetRecentErrMsg");
+    // SAFETY: no arguments; null or a NUL-terminated string valid until the next call.
+    let p = unsafe { f() };
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: non-null and NUL-terminated; copied at once.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
 
 #[cfg(feature = "sim")]
 fn sim_backend(soc: &str) -> Backend {
