@@ -361,8 +361,15 @@ impl Drop for Tensor<'_> {
     fn drop(&mut self) {
         let api = self.stream.device().api();
         if let Ok(f) = api.aclDestroyTensor() {
-            // SAFETY: created by aclCreateTensor in `create`, destroyed exactly once.
-            let _ = unsafe { f(self.raw.as_ptr()) };
+            // SAFETY: created by aclCreateTensor in `create` and destroyed here only. nnopbase
+            // returns non-zero only when it rejects the call before releasing the descriptor, so
+            // one retry after a failure cannot release it twice; it keeps a transient failure
+            // from leaking the descriptor for the rest of the process.
+            unsafe {
+                if f(self.raw.as_ptr()) != sys::ACLNN_SUCCESS {
+                    let _ = f(self.raw.as_ptr());
+                }
+            }
         }
         // `owned` (if any) drops after the descriptor, freeing the memory last.
     }

@@ -261,14 +261,15 @@ impl Machine {
     /// Allocates device memory on `device`; `Err(code)` on exhaustion.
     pub fn allocate(&mut self, device: u32, size: u64, padded: bool) -> Result<u64, i32> {
         let pad = if padded { ALLOC_PADDING } else { 0 };
-        let rounded = (size + pad).div_ceil(ALLOC_ALIGN) * ALLOC_ALIGN;
+        let oom = sys::ACL_ERROR_RT_MEMORY_ALLOCATION;
+        let rounded = size.checked_add(pad).ok_or(oom)?.div_ceil(ALLOC_ALIGN) * ALLOC_ALIGN;
         let dev = &mut self.devices[device as usize];
-        if dev.used + rounded > self.config.memory_per_device {
-            return Err(sys::ACL_ERROR_RT_MEMORY_ALLOCATION);
+        if dev.used.checked_add(rounded).is_none_or(|total| total > self.config.memory_per_device) {
+            return Err(oom);
         }
         let addr = DEVICE_BASE + u64::from(device) * DEVICE_SPAN + dev.next_offset;
-        if dev.next_offset + rounded >= DEVICE_SPAN {
-            return Err(sys::ACL_ERROR_RT_MEMORY_ALLOCATION);
+        if dev.next_offset.checked_add(rounded).is_none_or(|end| end >= DEVICE_SPAN) {
+            return Err(oom);
         }
         // Leave a gap so that an overrun never lands silently in the next allocation.
         dev.next_offset += rounded + 4096 - rounded % 4096;

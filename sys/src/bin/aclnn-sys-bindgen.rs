@@ -254,7 +254,10 @@ fn runtime_items(include: &Path) -> Result<std::collections::BTreeMap<String, St
                             })
                             .collect();
                         let output = &f.sig.output;
-                        items.insert(f.sig.ident.to_string(), format!("fn({}) {}", ty_only.join(", "), norm(quote!(#output))));
+                        items.insert(
+                            f.sig.ident.to_string(),
+                            format!("fn({}) {}", ty_only.join(", "), norm(quote!(#output))),
+                        );
                     }
                 }
             }

@@ -10,31 +10,98 @@
 //! * [`pack_int4_nz_checked`] / [`pack_fp4_nz_checked`] pack and lay out in one pass.
 //! * [`reference`] holds naive scalar versions used as test and benchmark baselines.
 //!
-//! All kernels are safe Rust, never panic on inputs that pass their length checks, and switch to
-//! rayon for inputs of at least [`PARALLEL_THRESHOLD`] elements.
+//! All kernels never panic on inputs that pass their length checks, write straight into the
+//! caller's buffer, and switch to rayon for inputs of at least [`PARALLEL_THRESHOLD`] elements
+//! (smaller ones never touch the thread pool).
+//!
+//! # Performance
+//!
+//! The packers run at close to the speed of reading their `int32` / `f32` input once (see
+//! `docs/performance.md` and `examples/bench_pack.rs`). The plain path is safe Rust written to
+//! auto-vectorise (two codes per byte, whole runs at a time, range check fused as an OR of
+//! branch-free flags); on x86-64 an AVX2 path (module `x86`, the only `unsafe` code here) is
+//! chosen at run time when the CPU has it, and is tested byte for byte against the plain path.
+//! [`simd_path`] tells which one is in use. The FRACTAL_NZ packers pack each `c0`-byte piece of
+//! a source row directly into its place in the NZ tile: one pass over the input, no scatter with
+//! div/mod per element.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 /// Element count at or above which the kernels split their work across the rayon pool.
 pub const PARALLEL_THRESHOLD: usize = 1 << 16;
 
-/// Elements handled by one parallel task (even, so every task owns whole bytes).
+/// Smallest number of elements handled by one parallel task (a multiple of 32, so every task owns
+/// whole bytes and whole SIMD blocks).
 const PAR_CHUNK: usize = 1 << 14;
 
-/// Elements per range-check block in the serial checked packer (even).
-const CHECK_BLOCK: usize = 1 << 12;
+/// Largest number of elements handled by one parallel task (1 MiB of `int32` input).
+const PAR_CHUNK_MAX: usize = 1 << 18;
+
+/// Elements per parallel task for an input of `len` elements: about four tasks per thread,
+/// within [`PAR_CHUNK`, `PAR_CHUNK_MAX`], a multiple of 32.
+fn par_chunk(len: usize) -> usize {
+    let per_task = len / (4 * rayon::current_num_threads().max(1));
+    per_task.clamp(PAR_CHUNK, PAR_CHUNK_MAX).next_multiple_of(32)
+}
+
+/// Packs a run of elements: `src.len() == 2 * dst.len()`; returns a non-zero flag if (with
+/// `CHECK`) any element is not representable.
+type RunFn<T> = fn(&[T], &mut [u8]) -> u32;
+
+/// Packs one source row into the `c0`-byte pieces at byte `at` of consecutive NZ tiles:
+/// `row_fn(src, tiles, at, c0)` packs `src[2 c0 j..2 c0 (j + 1)]` into `tiles[j][at..at + c0]`
+/// for every tile (`src.len() == 2 * c0 * tiles.len()`); returns the `CHECK` flag like [`RunFn`].
+type RowFn<T> = for<'a> fn(&[T], &mut [&'a mut [u8]], usize, usize) -> u32;
+
+/// The (source run, destination piece) pairs of a [`RowFn`] call.
+fn row_pairs<'s, 't, T>(
+    src: &'s [T],
+    tiles: &'t mut [&mut [u8]],
+    at: usize,
+    c0: usize,
+) -> impl Iterator<Item = (&'s [T], &'t mut [u8])> {
+    src.chunks_exact(2 * c0).zip(tiles.iter_mut().map(move |t| &mut t[at..at + c0]))
+}
+
+/// The plain [`RowFn`].
+fn pack_row_plain<T: Element, const CHECK: bool>(src: &[T], tiles: &mut [&mut [u8]], at: usize, c0: usize) -> u32 {
+    row_pairs(src, tiles, at, c0).fold(0, |bad, (s, d)| bad | pack_run_plain::<T, CHECK>(s, d))
+}
+
+/// When set, the kernels use the plain path even where a SIMD path is available.
+static FORCE_PLAIN: AtomicBool = AtomicBool::new(false);
+
+/// Makes the kernels use (`true`) or stop forcing (`false`) the plain, auto-vectorised path
+/// instead of the run-time detected SIMD path. For benchmarks and tests that compare the two;
+/// the output is the same either way.
+#[doc(hidden)]
+pub fn force_plain_path(force: bool) {
+    FORCE_PLAIN.store(force, Ordering::Relaxed);
+}
+
+/// Name of the packing path the kernels use on this CPU: `"avx2"` or `"plain"`.
+pub fn simd_path() -> &'static str {
+    if FORCE_PLAIN.load(Ordering::Relaxed) {
+        return "plain";
+    }
+    #[cfg(target_arch = "x86_64")]
+    if x86::int_runner::<false>().is_some() {
+        return "avx2";
+    }
+    "plain"
+}
 
 /// Largest accepted FP4 magnitude (6.0) as raw `f32` bits without the sign.
 const FP4_MAX_ABS_BITS: u32 = 0x40C0_0000;
 
 /// The 16 FP4 E2M1 values, indexed by code.
 const FP4_VALUES: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
-
-/// Magnitude codes indexed by `((bits >> 22) & 0x1FF) - 0xFC` (one nibble each): 0.5, miss
-/// (0.75), 1.0, 1.5, 2.0, 3.0, 4.0, 6.0; nibble 8 (any other key) is 0 = miss.
-const FP4_MAG_LUT: u64 = 0x7654_3201;
 
 // ---------------------------------------------------------------------------------------------
 // Errors
@@ -135,13 +202,21 @@ pub const fn int4_code(v: i32) -> u8 {
 /// NaN to +0 (code 0), even for negative inputs; -0.0 gives 0x8.
 #[inline]
 pub const fn fp4_code(bits: u32) -> u8 {
-    // The 8 exponent bits and the top mantissa bit.
+    fp4_code_u32(bits) as u8
+}
+
+/// [`fp4_code`] in a branch-free, lane-wise form that auto-vectorises (the AVX2 path computes the
+/// same expression): with `key` = the 8 exponent bits and the top mantissa bit and
+/// `d = key - 0xFC`, the table hits are `d` in {0, 2, 3, .., 7} (0.5, 1.0, .., 6.0; `d == 1` is
+/// 0.75, a miss) with magnitude code `max(d, 1)`; the sign is kept for hits and for `key == 0`.
+#[inline(always)]
+const fn fp4_code_u32(bits: u32) -> u32 {
     let key = (bits >> 22) & 0x1FF;
-    let sign = ((bits >> 31) as u8) << 3;
     let d = key.wrapping_sub(0xFC);
-    let idx = if d < 8 { d } else { 8 };
-    let mag = ((FP4_MAG_LUT >> (4 * idx)) & 0xF) as u8;
-    if mag != 0 || key == 0 { sign | mag } else { 0 }
+    let hit = d < 8 && d != 1;
+    let mag = if hit { if d == 0 { 1 } else { d } } else { 0 };
+    let sign = (bits >> 28) & 8;
+    mag | if hit || key == 0 { sign } else { 0 }
 }
 
 /// Value of an INT4 code: the low nibble of `nibble`, sign-extended (0x8 -> -8, 0xF -> -1).
@@ -158,9 +233,13 @@ pub const fn fp4_value(code: u8) -> f32 {
 }
 
 /// An element type that can be packed into a nibble.
-trait Element: Copy + Send + Sync {
+trait Element: Copy + Send + Sync + 'static {
     /// The operator's 4-bit code.
     fn code(self) -> u8;
+    /// The best run packer for this CPU (SIMD if detected and not disabled, else plain).
+    fn runner<const CHECK: bool>() -> RunFn<Self>;
+    /// The best row packer for FRACTAL_NZ tiles, chosen like [`Element::runner`].
+    fn row_runner<const CHECK: bool>() -> RowFn<Self>;
     /// 1 if the value is not representable (branch-free), else 0.
     fn bad(self) -> u32;
     /// The error reported for this value at `index`.
@@ -171,6 +250,26 @@ impl Element for i32 {
     #[inline(always)]
     fn code(self) -> u8 {
         int4_code(self)
+    }
+
+    fn runner<const CHECK: bool>() -> RunFn<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if !FORCE_PLAIN.load(Ordering::Relaxed) {
+            if let Some(f) = x86::int_runner::<CHECK>() {
+                return f;
+            }
+        }
+        pack_run_plain::<Self, CHECK>
+    }
+
+    fn row_runner<const CHECK: bool>() -> RowFn<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if !FORCE_PLAIN.load(Ordering::Relaxed) {
+            if let Some(f) = x86::int_row_runner::<CHECK>() {
+                return f;
+            }
+        }
+        pack_row_plain::<Self, CHECK>
     }
 
     #[inline(always)]
@@ -189,6 +288,26 @@ impl Element for f32 {
         fp4_code(self.to_bits())
     }
 
+    fn runner<const CHECK: bool>() -> RunFn<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if !FORCE_PLAIN.load(Ordering::Relaxed) {
+            if let Some(f) = x86::fp4_runner::<CHECK>() {
+                return f;
+            }
+        }
+        pack_run_plain::<Self, CHECK>
+    }
+
+    fn row_runner<const CHECK: bool>() -> RowFn<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if !FORCE_PLAIN.load(Ordering::Relaxed) {
+            if let Some(f) = x86::fp4_row_runner::<CHECK>() {
+                return f;
+            }
+        }
+        pack_row_plain::<Self, CHECK>
+    }
+
     #[inline(always)]
     fn bad(self) -> u32 {
         // NaN and infinities have larger magnitude bits than 6.0.
@@ -204,27 +323,16 @@ impl Element for f32 {
 // ND pack
 // ---------------------------------------------------------------------------------------------
 
-/// Packs `src` (two elements per byte, low nibble first) into `dst`; with `CHECK` it also
-/// returns a non-zero flag if any element is not representable.
+/// The plain packer: `src` (two elements per byte, low nibble first) into `dst`; with `CHECK` it
+/// also returns a non-zero flag if any element is not representable. Written as one byte per
+/// element pair with branch-free codes and flags, which LLVM auto-vectorises.
 ///
 /// Requires `src.len() == 2 * dst.len()` (extra elements or bytes are ignored otherwise).
 #[inline]
-fn pack_run<T: Element, const CHECK: bool>(src: &[T], dst: &mut [u8]) -> u32 {
+fn pack_run_plain<T: Element, const CHECK: bool>(src: &[T], dst: &mut [u8]) -> u32 {
     debug_assert_eq!(src.len(), 2 * dst.len());
     let mut bad = 0u32;
-    let mut src8 = src.chunks_exact(8);
-    let mut dst4 = dst.chunks_exact_mut(4);
-    for (s, d) in (&mut src8).zip(&mut dst4) {
-        let mut word = 0u32;
-        for (j, &v) in s.iter().enumerate() {
-            word |= u32::from(v.code()) << (4 * j);
-            if CHECK {
-                bad |= v.bad();
-            }
-        }
-        d.copy_from_slice(&word.to_le_bytes());
-    }
-    for (s, d) in src8.remainder().chunks_exact(2).zip(dst4.into_remainder()) {
+    for (s, d) in src.chunks_exact(2).zip(dst.iter_mut()) {
         *d = s[0].code() | (s[1].code() << 4);
         if CHECK {
             bad |= s[0].bad() | s[1].bad();
@@ -239,10 +347,8 @@ fn first_bad<T: Element>(src: &[T]) -> Option<usize> {
 }
 
 /// Serial checked pack: returns the index of the first bad element (relative to `src`).
-fn pack_checked_serial<T: Element>(src: &[T], dst: &mut [u8]) -> Option<usize> {
-    src.chunks(CHECK_BLOCK).zip(dst.chunks_mut(CHECK_BLOCK / 2)).enumerate().find_map(|(b, (s, d))| {
-        if pack_run::<T, true>(s, d) != 0 { first_bad(s).map(|i| b * CHECK_BLOCK + i) } else { None }
-    })
+fn pack_checked_serial<T: Element>(run: RunFn<T>, src: &[T], dst: &mut [u8]) -> Option<usize> {
+    if run(src, dst) != 0 { first_bad(src) } else { None }
 }
 
 fn check_pack_lengths(src_len: usize, out_len: usize) -> Result<(), LayoutError> {
@@ -257,25 +363,29 @@ fn check_pack_lengths(src_len: usize, out_len: usize) -> Result<(), LayoutError>
 
 fn pack_impl<T: Element>(src: &[T], out: &mut [u8]) -> Result<(), LayoutError> {
     check_pack_lengths(src.len(), out.len())?;
+    let run = T::runner::<false>();
     if src.len() >= PARALLEL_THRESHOLD {
-        src.par_chunks(PAR_CHUNK).zip(out.par_chunks_mut(PAR_CHUNK / 2)).for_each(|(s, d)| {
-            pack_run::<T, false>(s, d);
+        let chunk = par_chunk(src.len());
+        src.par_chunks(chunk).zip(out.par_chunks_mut(chunk / 2)).for_each(|(s, d)| {
+            run(s, d);
         });
     } else {
-        pack_run::<T, false>(src, out);
+        run(src, out);
     }
     Ok(())
 }
 
 fn pack_checked_impl<T: Element>(src: &[T], out: &mut [u8]) -> Result<(), PackError> {
     check_pack_lengths(src.len(), out.len())?;
+    let run = T::runner::<true>();
     let bad = if src.len() >= PARALLEL_THRESHOLD {
-        src.par_chunks(PAR_CHUNK)
-            .zip(out.par_chunks_mut(PAR_CHUNK / 2))
+        let chunk = par_chunk(src.len());
+        src.par_chunks(chunk)
+            .zip(out.par_chunks_mut(chunk / 2))
             .enumerate()
-            .find_map_first(|(c, (s, d))| pack_checked_serial(s, d).map(|i| c * PAR_CHUNK + i))
+            .find_map_first(|(c, (s, d))| pack_checked_serial(run, s, d).map(|i| c * chunk + i))
     } else {
-        pack_checked_serial(src, out)
+        pack_checked_serial(run, src, out)
     };
     match bad {
         Some(i) => Err(src[i].error(i)),
@@ -335,7 +445,8 @@ fn unpack_impl<T: Send>(packed: &[u8], out: &mut [T], value: impl Fn(u8) -> T + 
         }
     };
     if out.len() >= PARALLEL_THRESHOLD {
-        packed.par_chunks(PAR_CHUNK / 2).zip(out.par_chunks_mut(PAR_CHUNK)).for_each(|(p, o)| run(p, o));
+        let chunk = par_chunk(out.len());
+        packed.par_chunks(chunk / 2).zip(out.par_chunks_mut(chunk)).for_each(|(p, o)| run(p, o));
     } else {
         run(packed, out);
     }
@@ -450,61 +561,56 @@ fn check_nz_lengths(geom: &NzGeometry, nd_len: usize, nz_len: usize) -> Result<(
     Ok(())
 }
 
-/// Rows of one column block handled by one work unit of [`fill_nz`].
-const STRIP_ROWS: usize = 64;
-
-/// Column blocks handled by one work unit of [`fill_nz`] (bounds the number of write streams).
-const STRIP_COLUMN_BLOCKS: usize = 64;
-
 /// Writes every byte of a padded NZ buffer exactly once.
 ///
-/// For each data row piece it calls `fill(nd_row, first_byte_column, data)` where
-/// `nd_row = g * rows + r` and `data` is the (up to `c0`-byte) destination run; `fill` must write
-/// all of `data` and returns a flag that is OR-ed into the result. Padding is zeroed here.
+/// For each data row it calls `fill_row(nd_row, tiles, at)` for the row's first `N1 - 1` column
+/// blocks (it must fill `tiles[j][at..at + c0]` with row bytes `j * c0..(j + 1) * c0`) and
+/// `fill(nd_row, first_byte_column, data)` for the last, possibly short, piece `data`, where
+/// `nd_row = g * rows + r`. Both return a flag that is OR-ed into the result. Padding is zeroed
+/// here.
 /// Requires a validated geometry and `out.len() == geom.total_bytes()`.
 ///
-/// The work is cut into units of up to [`STRIP_ROWS`] rows x [`STRIP_COLUMN_BLOCKS`] column
-/// blocks of one group; a unit walks its source rows in order and appends `c0` bytes to each of
-/// the column-block tiles it owns, so the reads and the (few) write streams are sequential.
-fn fill_nz<F>(geom: &NzGeometry, out: &mut [u8], parallel: bool, fill: F) -> u32
+/// The work unit is one 16-row block of one group, i.e. its `N1` tiles of `16 x c0` bytes: it
+/// walks its source rows in order and fills, for each row, the `c0`-byte piece of every column
+/// block. The input is read once and sequentially, no index is computed per element, and the
+/// writes of a unit stay within `N1 * 16 * c0` bytes (about 16 source rows' worth of output,
+/// cache-resident) until every byte of those tiles is written.
+fn fill_nz<F, R>(geom: &NzGeometry, out: &mut [u8], parallel: bool, fill: F, fill_row: R) -> u32
 where
     F: Fn(usize, usize, &mut [u8]) -> u32 + Sync,
+    R: Fn(usize, &mut [&mut [u8]], usize) -> u32 + Sync,
 {
     debug_assert_eq!(out.len(), geom.total_bytes());
     if out.is_empty() {
         return 0;
     }
     // A non-empty `out` implies that c0, rows and row_bytes (so K1 and N1) are all non-zero.
-    let (rows, row_bytes, c0, n1) = (geom.rows, geom.row_bytes, geom.c0, geom.n1());
+    let (rows, row_bytes, c0, n1, k1) = (geom.rows, geom.row_bytes, geom.c0, geom.n1(), geom.k1());
     let block = geom.block_bytes();
-    let strip_bytes = STRIP_ROWS * c0;
-    let strips = block.div_ceil(strip_bytes);
-    // tiles[(g * strips + s) * n1 + j] = rows [s * STRIP_ROWS, ..) of column block j of group g.
+    let tile_bytes = 16 * c0;
+    // tiles[(g * K1 + kb) * N1 + j] = rows [16 kb, 16 kb + 16) of column block j of group g.
     let mut tiles: Vec<&mut [u8]> = Vec::new();
-    tiles.resize_with(out.len() / block * strips, Default::default);
+    tiles.resize_with(out.len() / tile_bytes, Default::default);
     for (b, blk) in out.chunks_exact_mut(block).enumerate() {
         let (g, j) = (b / n1, b % n1);
-        for (s, tile) in blk.chunks_mut(strip_bytes).enumerate() {
-            tiles[(g * strips + s) * n1 + j] = tile;
+        for (kb, tile) in blk.chunks_exact_mut(tile_bytes).enumerate() {
+            tiles[(g * k1 + kb) * n1 + j] = tile;
         }
     }
-    // One work unit: strip `u`, column blocks `j0..j0 + unit_tiles.len()`.
-    let unit = |u: usize, j0: usize, unit_tiles: &mut [&mut [u8]]| -> u32 {
-        let g = u / strips;
-        let r0 = (u % strips) * STRIP_ROWS;
-        let tile_rows = unit_tiles.first().map_or(0, |t| t.len() / c0);
-        let data_rows = rows.saturating_sub(r0).min(tile_rows);
+    // Bytes of data in the last column block of a row (1..=c0).
+    let last_len = row_bytes - (n1 - 1) * c0;
+    // One work unit: row block `u` (= g * K1 + kb) with its N1 tiles.
+    let unit = |u: usize, unit_tiles: &mut [&mut [u8]]| -> u32 {
+        let (g, r0) = (u / k1, (u % k1) * 16);
+        let data_rows = rows.saturating_sub(r0).min(16);
+        let (full, last) = unit_tiles.split_at_mut(n1 - 1);
         let mut bad = 0;
         for t in 0..data_rows {
             let nd_row = g * rows + r0 + t;
-            for (j, tile) in unit_tiles.iter_mut().enumerate() {
-                let col = (j0 + j) * c0;
-                // j0 + j < N1 = ceil(row_bytes / c0), so col < row_bytes.
-                let len = c0.min(row_bytes - col);
-                let (data, pad) = tile[t * c0..(t + 1) * c0].split_at_mut(len);
-                bad |= fill(nd_row, col, data);
-                pad.fill(0);
-            }
+            bad |= fill_row(nd_row, full, t * c0);
+            let (data, pad) = last[0][t * c0..(t + 1) * c0].split_at_mut(last_len);
+            bad |= fill(nd_row, (n1 - 1) * c0, data);
+            pad.fill(0);
         }
         for tile in unit_tiles.iter_mut() {
             tile[data_rows * c0..].fill(0);
@@ -512,25 +618,9 @@ where
         bad
     };
     if parallel {
-        tiles
-            .par_chunks_mut(n1)
-            .enumerate()
-            .map(|(u, strip_tiles)| {
-                strip_tiles
-                    .par_chunks_mut(STRIP_COLUMN_BLOCKS)
-                    .enumerate()
-                    .map(|(k, t)| unit(u, k * STRIP_COLUMN_BLOCKS, t))
-                    .reduce(|| 0, |a, b| a | b)
-            })
-            .reduce(|| 0, |a, b| a | b)
+        tiles.par_chunks_mut(n1).enumerate().map(|(u, t)| unit(u, t)).reduce(|| 0, |a, b| a | b)
     } else {
-        let mut bad = 0;
-        for (u, strip_tiles) in tiles.chunks_mut(n1).enumerate() {
-            for (k, t) in strip_tiles.chunks_mut(STRIP_COLUMN_BLOCKS).enumerate() {
-                bad |= unit(u, k * STRIP_COLUMN_BLOCKS, t);
-            }
-        }
-        bad
+        tiles.chunks_mut(n1).enumerate().fold(0, |bad, (u, t)| bad | unit(u, t))
     }
 }
 
@@ -548,11 +638,24 @@ pub fn nd_to_nz(packed: &[u8], geom: NzGeometry, offset: GroupOffset, out: &mut 
     let nb = geom.row_bytes;
     if offset == GroupOffset::Padded || geom.is_aligned() {
         let parallel = packed.len() >= PARALLEL_THRESHOLD;
-        fill_nz(&geom, out, parallel, |nd_row, col, data| {
-            let s = nd_row * nb + col;
-            data.copy_from_slice(&packed[s..s + data.len()]);
-            0
-        });
+        let c0 = geom.c0;
+        fill_nz(
+            &geom,
+            out,
+            parallel,
+            |nd_row, col, data| {
+                let s = nd_row * nb + col;
+                data.copy_from_slice(&packed[s..s + data.len()]);
+                0
+            },
+            |nd_row, tiles, at| {
+                let row = &packed[nd_row * nb..nd_row * nb + tiles.len() * c0];
+                for (piece, tile) in row.chunks_exact(c0).zip(tiles.iter_mut()) {
+                    tile[at..at + c0].copy_from_slice(piece);
+                }
+                0
+            },
+        );
         return Ok(());
     }
     out.fill(0);
@@ -612,10 +715,20 @@ fn pack_nz_checked_impl<T: Element>(src: &[T], geom: NzGeometry, out: &mut [u8])
     check_nz_lengths(&geom, geom.nd_bytes(), out.len())?;
     let nb = geom.row_bytes;
     let parallel = src.len() >= PARALLEL_THRESHOLD;
-    let bad = fill_nz(&geom, out, parallel, |nd_row, col, data| {
-        let s = 2 * (nd_row * nb + col);
-        pack_run::<T, true>(&src[s..s + 2 * data.len()], data)
-    });
+    let (run, row_run, c0) = (T::runner::<true>(), T::row_runner::<true>(), geom.c0);
+    let bad = fill_nz(
+        &geom,
+        out,
+        parallel,
+        |nd_row, col, data| {
+            let s = 2 * (nd_row * nb + col);
+            run(&src[s..s + 2 * data.len()], data)
+        },
+        |nd_row, tiles, at| {
+            let s = 2 * nd_row * nb;
+            row_run(&src[s..s + 2 * c0 * tiles.len()], tiles, at, c0)
+        },
+    );
     match if bad != 0 { first_bad(src) } else { None } {
         Some(i) => Err(src[i].error(i)),
         None => Ok(()),
@@ -1216,9 +1329,9 @@ mod tests {
 
     #[test]
     fn nz_many_column_blocks_and_strips() {
-        // N1 > STRIP_COLUMN_BLOCKS and several row strips; serial (small) and parallel (large).
+        // Many column blocks and several row blocks; serial (small) and parallel (large).
         for g in [geom(1, 20, 70 * 8 + 3, 8), geom(2, 133, 1100, 8)] {
-            assert!(g.n1() > STRIP_COLUMN_BLOCKS);
+            assert!(g.n1() > 64);
             let src = in_range_i32(2 * g.nd_bytes(), 5);
             let packed = reference::pack_int4(&src);
             let expected = reference::nd_to_nz(&packed, g, GroupOffset::Padded);
@@ -1234,6 +1347,125 @@ mod tests {
             nz_to_nd(&expected, g, &mut back).unwrap();
             assert_eq!(back, packed);
         }
+    }
+
+    // --- SIMD paths against the plain path ------------------------------------------------
+
+    /// Every available SIMD runner (both `CHECK` variants) gives the plain path's bytes and
+    /// flag on `src`. Returns how many runners were compared.
+    fn simd_matches_plain<T: Element + std::fmt::Debug>(src: &[T], simd: &[(RunFn<T>, RunFn<T>)]) -> usize {
+        let n = src.len() / 2;
+        let mut plain = vec![0u8; n];
+        let plain_bad = pack_run_plain::<T, true>(&src[..2 * n], &mut plain);
+        let mut plain_unchecked = vec![0x5Au8; n];
+        assert_eq!(pack_run_plain::<T, false>(&src[..2 * n], &mut plain_unchecked), 0);
+        assert_eq!(plain_unchecked, plain);
+        for (unchecked, checked) in simd {
+            let mut out = vec![0xA5u8; n];
+            assert_eq!(unchecked(&src[..2 * n], &mut out), 0);
+            assert_eq!(out, plain, "unchecked, n = {}", 2 * n);
+            let mut out = vec![0xA5u8; n];
+            let bad = checked(&src[..2 * n], &mut out);
+            assert_eq!(out, plain, "checked, n = {}", 2 * n);
+            assert_eq!(bad != 0, plain_bad != 0, "flag, n = {}", 2 * n);
+        }
+        simd.len()
+    }
+
+    fn int_runners() -> Vec<(RunFn<i32>, RunFn<i32>)> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(a), Some(b)) = (x86::int_runner::<false>(), x86::int_runner::<true>()) {
+            v.push((a, b));
+        }
+        v
+    }
+
+    fn fp4_runners() -> Vec<(RunFn<f32>, RunFn<f32>)> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(a), Some(b)) = (x86::fp4_runner::<false>(), x86::fp4_runner::<true>()) {
+            v.push((a, b));
+        }
+        v
+    }
+
+    #[test]
+    fn simd_runners_match_plain_all_lengths_and_bad_positions() {
+        let (ints, floats) = (int_runners(), fp4_runners());
+        let base_i = in_range_i32(300, 21);
+        let base_f = in_range_f32(300, 22);
+        // Every even length up to 300 (all tails of the 32- and 16-element blocks).
+        for n in (0..=300).step_by(2) {
+            simd_matches_plain(&base_i[..n], &ints);
+            simd_matches_plain(&base_f[..n], &floats);
+        }
+        // A single bad value at every position of a 100-element run (block and tail lanes).
+        for (pos, bad_i, bad_f) in (0..100).map(|p| (p, [8, -9, i32::MIN, i32::MAX][p % 4], [6.5f32, f32::NAN][p % 2]))
+        {
+            let mut s = base_i[..100].to_vec();
+            s[pos] = bad_i;
+            simd_matches_plain(&s, &ints);
+            let mut f = base_f[..100].to_vec();
+            f[pos] = bad_f;
+            simd_matches_plain(&f, &floats);
+        }
+        // Raw bit patterns: every masked FP4 key with assorted low bits, and extreme ints.
+        let bits: Vec<f32> = (0u32..1024)
+            .flat_map(|hi| [0, 1, 0x0015_5555, 0x003F_FFFF].map(move |lo| f32::from_bits((hi << 22) | lo)))
+            .collect();
+        simd_matches_plain(&bits, &floats);
+        let ints_raw: Vec<i32> = lcg_values(4096, 5).into_iter().map(|x| x as i32).collect();
+        simd_matches_plain(&ints_raw, &ints);
+        if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx2") {
+            assert_eq!(ints.len(), 1);
+            assert_eq!(fp4_runners().len(), 1);
+        }
+    }
+
+    #[test]
+    fn simd_row_runners_match_plain() {
+        let mut rows: Vec<(RowFn<i32>, RowFn<f32>)> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        for (i, f) in [
+            (x86::int_row_runner::<false>(), x86::fp4_row_runner::<false>()),
+            (x86::int_row_runner::<true>(), x86::fp4_row_runner::<true>()),
+        ] {
+            if let (Some(i), Some(f)) = (i, f) {
+                rows.push((i, f));
+            }
+        }
+        let plain: [(RowFn<i32>, RowFn<f32>); 2] = [
+            (pack_row_plain::<i32, false>, pack_row_plain::<f32, false>),
+            (pack_row_plain::<i32, true>, pack_row_plain::<f32, true>),
+        ];
+        for c0 in [1, 2, 8, 16, 32] {
+            for n1 in 0..5 {
+                let mut ints = in_range_i32(2 * c0 * n1, c0 as u64);
+                let floats = in_range_f32(2 * c0 * n1, n1 as u64);
+                if n1 > 2 {
+                    ints[2 * c0 + 1] = 99;
+                }
+                for (k, &(ri, rf)) in rows.iter().enumerate() {
+                    let (pi, pf) = plain[k % 2];
+                    for at in [0, c0, 3 * c0] {
+                        let mut a = vec![vec![0x11u8; 4 * c0]; n1];
+                        let mut b = a.clone();
+                        let mut ta: Vec<&mut [u8]> = a.iter_mut().map(|v| v.as_mut_slice()).collect();
+                        let mut tb: Vec<&mut [u8]> = b.iter_mut().map(|v| v.as_mut_slice()).collect();
+                        assert_eq!(ri(&ints, &mut ta, at, c0) != 0, pi(&ints, &mut tb, at, c0) != 0);
+                        assert_eq!(ta, tb, "int c0 {c0} n1 {n1} at {at}");
+                        assert_eq!(rf(&floats, &mut ta, at, c0) != 0, pf(&floats, &mut tb, at, c0) != 0);
+                        assert_eq!(ta, tb, "fp4 c0 {c0} n1 {n1} at {at}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_path_name() {
+        assert!(["avx2", "plain"].contains(&simd_path()));
     }
 
     // --- properties ------------------------------------------------------------------------
@@ -1288,6 +1520,12 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn prop_simd_runners_match_plain(ints in even_vec(int_value()), floats in even_vec(float_value())) {
+            simd_matches_plain(&ints, &int_runners());
+            simd_matches_plain(&floats, &fp4_runners());
+        }
 
         #[test]
         fn prop_fp4_code_matches_reference(bits in any::<u32>()) {

@@ -1,0 +1,436 @@
+//! Benchmark table for the host INT4 / FP4 packing kernels (`aclnn::kernels`).
+//!
+//! For each weight size it prints one table: the read floor (a read-only pass over the `int32`
+//! input, all cores and one thread), a `memcpy` of the input, the CANN-style scalar host loop
+//! (`kernels::reference`), and every kernel of ours, each with its median time over at least 7
+//! runs and its ratio to the read floor with the same number of threads. The input is flushed
+//! from the cache before every run (a buffer larger than the last-level cache is written and
+//! read). It ends with the simulator's copy counters: bytes moved per weight by the operator path
+//! against the host fast path.
+//!
+//! ```text
+//! cargo run --example bench_pack                      # quick mode (small sizes, a few seconds)
+//! cargo run --release --example bench_pack -- --full  # 64x64, 4096x11008 and 8192x28672
+//! ```
+//!
+//! Options: `--full`, `--runs N` (default 7), `--size KxN` (repeatable, replaces the sizes).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use aclnn::kernels::{self, GroupOffset, NzGeometry};
+use aclnn::ops::int4pack::{self, PackOptions};
+use aclnn::{Backend, DType, DeviceBuffer, Format, Runtime, Tensor, TensorDesc};
+use rayon::prelude::*;
+
+type BoxError = Box<dyn std::error::Error>;
+
+struct Options {
+    full: bool,
+    runs: usize,
+    sizes: Vec<(usize, usize)>,
+}
+
+fn parse_args() -> Result<Options, BoxError> {
+    let mut opts = Options { full: false, runs: 7, sizes: Vec::new() };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--full" => opts.full = true,
+            "--runs" => opts.runs = args.next().ok_or("--runs needs a value")?.parse()?,
+            "--size" => {
+                let s = args.next().ok_or("--size needs KxN")?;
+                let (k, n) = s.split_once('x').ok_or("--size needs KxN")?;
+                opts.sizes.push((k.parse()?, n.parse()?));
+            }
+            other => return Err(format!("unknown argument {other:?} (use --full, --runs N, --size KxN)").into()),
+        }
+    }
+    opts.runs = opts.runs.max(7);
+    if opts.sizes.is_empty() {
+        opts.sizes = if opts.full { vec![(64, 64), (4096, 11008), (8192, 28672)] } else { vec![(64, 64), (256, 2048)] };
+    }
+    Ok(opts)
+}
+
+/// Size of the last-level cache in bytes, from sysfs (64 MiB if unknown).
+fn llc_bytes() -> usize {
+    let mut best = 0usize;
+    for i in 0..8 {
+        let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
+        let Ok(size) = std::fs::read_to_string(format!("{dir}/size")) else { continue };
+        let size = size.trim();
+        let (num, mult) = match size.strip_suffix('K') {
+            Some(n) => (n, 1 << 10),
+            None => match size.strip_suffix('M') {
+                Some(n) => (n, 1 << 20),
+                None => (size, 1),
+            },
+        };
+        if let Ok(n) = num.parse::<usize>() {
+            best = best.max(n * mult);
+        }
+    }
+    if best == 0 { 64 << 20 } else { best }
+}
+
+/// Evicts the benchmark data from the caches by writing and reading a buffer larger than the LLC.
+struct Flusher {
+    buf: Vec<u64>,
+    round: u64,
+}
+
+impl Flusher {
+    fn new() -> Self {
+        let bytes = (llc_bytes() * 3 / 2).max(64 << 20);
+        Flusher { buf: vec![1; bytes / 8], round: 0 }
+    }
+
+    fn flush(&mut self) {
+        self.round += 1;
+        let r = self.round;
+        let sum: u64 = self
+            .buf
+            .par_chunks_mut(1 << 16)
+            .map(|c| {
+                let mut s = 0u64;
+                for line in c.chunks_mut(8) {
+                    line[0] = line[0].wrapping_add(r);
+                    s = s.wrapping_add(line[0]);
+                }
+                s
+            })
+            .sum();
+        black_box(sum);
+    }
+}
+
+/// Median of `runs` timings of `f`, each after a cache flush; `f` runs in `pool` if given.
+fn measure(
+    runs: usize,
+    flusher: &mut Flusher,
+    pool: Option<&rayon::ThreadPool>,
+    f: &mut (dyn FnMut() + Send),
+) -> Duration {
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            flusher.flush();
+            match pool {
+                Some(p) => p.install(|| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed()
+                }),
+                None => {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed()
+                }
+            }
+        })
+        .collect();
+    times.sort();
+    times[runs / 2]
+}
+
+/// Median over `runs` batches of the time of one call of `f` (hot cache; for tiny inputs); the
+/// whole measurement runs in `pool` if given.
+fn measure_hot(runs: usize, pool: Option<&rayon::ThreadPool>, f: &mut (dyn FnMut() + Send)) -> Duration {
+    match pool {
+        Some(p) => p.install(|| measure_hot_here(runs, f)),
+        None => measure_hot_here(runs, f),
+    }
+}
+
+fn measure_hot_here(runs: usize, f: &mut (dyn FnMut() + Send)) -> Duration {
+    // Calibrate the batch so that it lasts about 4 ms.
+    let t = Instant::now();
+    let mut calls = 0u32;
+    while t.elapsed() < Duration::from_millis(2) {
+        f();
+        calls += 1;
+    }
+    let batch = (calls * 2).max(1);
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..batch {
+                f();
+            }
+            t.elapsed() / batch
+        })
+        .collect();
+    times.sort();
+    times[runs / 2]
+}
+
+fn xorshift(seed: u64, n: usize) -> impl Iterator<Item = u64> {
+    let mut s = seed | 1;
+    (0..n).map(move |_| {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        s.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    })
+}
+
+/// In-range int4 values, generated in parallel.
+fn int_input(n: usize) -> Vec<i32> {
+    let mut v = vec![0i32; n];
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
+        for (x, r) in c.iter_mut().zip(xorshift(i as u64 + 1, usize::MAX)) {
+            *x = (r >> 60) as i32 - 8;
+        }
+    });
+    v
+}
+
+/// Finite FP4-range values (exact codes and arbitrary values in [-6, 6]).
+fn float_input(n: usize) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
+        for (x, r) in c.iter_mut().zip(xorshift(i as u64 + 7, usize::MAX)) {
+            *x = if r & 1 == 0 {
+                kernels::fp4_value((r >> 60) as u8)
+            } else {
+                (r >> 40) as f32 / (1u64 << 24) as f32 * 12.0 - 6.0
+            };
+        }
+    });
+    v
+}
+
+/// A host loop written like CANN's: one element at a time, the destination byte and nibble
+/// found by div/mod of the element index, read-modify-write of the output byte, and (for NZ) a
+/// second pass that scatters every byte with div/mod, into a zeroed buffer. `black_box` on the
+/// index keeps LLVM from turning it into the vectorised kernel it is compared against.
+fn cann_style_pack(src: &[i32], nd: &mut [u8], nz: Option<(NzGeometry, &mut [u8])>) {
+    nd.fill(0);
+    for i in 0..src.len() {
+        let i = black_box(i);
+        let code = (src[i] & 0xF) as u8;
+        nd[i / 2] |= code << ((i % 2) * 4);
+    }
+    if let Some((g, out)) = nz {
+        out.fill(0);
+        let (kk, nb, c0) = (g.rows, g.row_bytes, g.c0);
+        let k1 = kk.div_ceil(16);
+        for (src_idx, &b) in nd.iter().enumerate() {
+            let src_idx = black_box(src_idx);
+            let (r, c) = (src_idx / nb, src_idx % nb);
+            out[(c / c0) * (k1 * 16 * c0) + (r / 16) * (16 * c0) + (r % 16) * c0 + c % c0] = b;
+        }
+    }
+}
+
+/// CANN-style FP4 loop: the masked bits looked up in a map per element.
+fn cann_style_pack_fp4(src: &[f32], nd: &mut [u8]) {
+    use std::collections::HashMap;
+    let table: HashMap<u32, u8> = (0u8..16).map(|c| (kernels::fp4_value(c).to_bits() & 0xFFC0_0000, c)).collect();
+    nd.fill(0);
+    for (i, x) in src.iter().enumerate() {
+        let code = table.get(&(x.to_bits() & 0xFFC0_0000)).copied().unwrap_or(0);
+        nd[i / 2] |= code << ((i % 2) * 4);
+    }
+}
+
+fn read_floor_par(src: &[i32]) -> u32 {
+    src.par_chunks(1 << 16).map(read_floor_serial).reduce(|| 0, |a, b| a ^ b)
+}
+
+fn read_floor_serial(src: &[i32]) -> u32 {
+    src.iter().fold(0u32, |a, &x| a ^ x as u32)
+}
+
+struct Row {
+    name: String,
+    threads: &'static str,
+    time: Duration,
+    floor: Duration,
+}
+
+fn print_table(k: usize, n: usize, flushed: bool, rows: &[Row]) {
+    let weights = k * n;
+    println!();
+    println!(
+        "== int32/f32 input {k} x {n} ({:.1} MiB of input, {}) ==",
+        (weights * 4) as f64 / (1 << 20) as f64,
+        if flushed { "input flushed from cache before each run" } else { "hot cache, batched calls" }
+    );
+    println!("{:<44} {:>8} {:>11} {:>9} {:>9} {:>8}", "kernel", "threads", "median", "GB/s in", "ns/wt", "x floor");
+    for r in rows {
+        let secs = r.time.as_secs_f64();
+        println!(
+            "{:<44} {:>8} {:>9.3}ms {:>9.2} {:>9.3} {:>8.2}",
+            r.name,
+            r.threads,
+            secs * 1e3,
+            (weights * 4) as f64 / secs / 1e9,
+            secs * 1e9 / weights as f64,
+            secs / r.floor.as_secs_f64()
+        );
+    }
+}
+
+fn bench_size(k: usize, n: usize, runs: usize, flusher: &mut Flusher, one: &rayon::ThreadPool) {
+    let weights = k * n;
+    let ints = int_input(weights);
+    let floats = float_input(weights);
+    let geom = NzGeometry::new(1, k, n / 2, 32);
+    let mut nd = vec![0xAAu8; weights / 2];
+    let mut nz = vec![0xAAu8; geom.total_bytes()];
+    let mut unpacked = vec![0i32; weights];
+    let mut copy = vec![0i32; weights];
+    let small = weights * 4 < (4 << 20);
+
+    // Small inputs: hot-cache batches (thread start-up is what matters there); large: flushed.
+    let mut timer = |pool: Option<&rayon::ThreadPool>, f: &mut (dyn FnMut() + Send)| {
+        if small { measure_hot(runs, pool, f) } else { measure(runs, flusher, pool, f) }
+    };
+    let floor_all = timer(None, &mut || {
+        black_box(read_floor_par(black_box(&ints)));
+    });
+    let floor_one = timer(Some(one), &mut || {
+        black_box(read_floor_serial(black_box(&ints)));
+    });
+    let mut rows = Vec::new();
+    let mut row = |name: &str, threads: &'static str, time: Duration| {
+        let floor = if threads == "1" { floor_one } else { floor_all };
+        rows.push(Row { name: name.to_string(), threads, time, floor });
+    };
+    row("read floor (xor of all int32)", "all", floor_all);
+    row("read floor (xor of all int32)", "1", floor_one);
+    let t = timer(None, &mut || {
+        copy.par_chunks_mut(1 << 16).zip(ints.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+    });
+    row("memcpy of the int32 input", "all", t);
+    let t = timer(None, &mut || cann_style_pack(black_box(&ints), &mut nd, None));
+    row("CANN-style scalar host loop, ND", "1", t);
+    let t = timer(None, &mut || cann_style_pack(black_box(&ints), &mut nd, Some((geom, &mut nz))));
+    row("CANN-style scalar host loop, ND + NZ", "1", t);
+    let t = timer(None, &mut || {
+        black_box(kernels::reference::pack_int4(black_box(&ints)));
+    });
+    row("kernels::reference::pack_int4 (naive, vectorised)", "1", t);
+
+    let t_nd = timer(None, &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
+    row("pack_int4 (ND)", "all", t_nd);
+    let t = timer(None, &mut || kernels::pack_int4_checked(black_box(&ints), &mut nd).unwrap());
+    row("pack_int4_checked (ND, range check)", "all", t);
+    let t = timer(Some(one), &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
+    row("pack_int4 (ND)", "1", t);
+    let t = timer(Some(one), &mut || kernels::pack_int4_checked(black_box(&ints), &mut nd).unwrap());
+    row("pack_int4_checked (ND, range check)", "1", t);
+    let t = timer(None, &mut || kernels::pack_int4_nz_checked(black_box(&ints), geom, &mut nz).unwrap());
+    row("pack_int4_nz_checked (fused NZ, c0=32)", "all", t);
+    let t = timer(Some(one), &mut || kernels::pack_int4_nz_checked(black_box(&ints), geom, &mut nz).unwrap());
+    row("pack_int4_nz_checked (fused NZ, c0=32)", "1", t);
+    let t = timer(None, &mut || kernels::pack_fp4(black_box(&floats), &mut nd).unwrap());
+    row("pack_fp4 (ND)", "all", t);
+    let t = timer(None, &mut || cann_style_pack_fp4(black_box(&floats), &mut nd));
+    row("CANN-style scalar host loop, FP4 (map lookup)", "1", t);
+    let t = timer(None, &mut || kernels::pack_fp4_checked(black_box(&floats), &mut nd).unwrap());
+    row("pack_fp4_checked (ND, range check)", "all", t);
+    let t = timer(Some(one), &mut || kernels::pack_fp4(black_box(&floats), &mut nd).unwrap());
+    row("pack_fp4 (ND)", "1", t);
+    let t = timer(None, &mut || kernels::pack_fp4_nz_checked(black_box(&floats), geom, &mut nz).unwrap());
+    row("pack_fp4_nz_checked (fused NZ, c0=32)", "all", t);
+    kernels::force_plain_path(true);
+    let t = timer(None, &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
+    row("pack_int4 (ND), plain path (no AVX2)", "all", t);
+    let t = timer(Some(one), &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
+    row("pack_int4 (ND), plain path (no AVX2)", "1", t);
+    let t = timer(None, &mut || kernels::pack_int4_nz_checked(black_box(&ints), geom, &mut nz).unwrap());
+    row("pack_int4_nz_checked, plain path", "all", t);
+    let t = timer(None, &mut || kernels::pack_fp4(black_box(&floats), &mut nd).unwrap());
+    row("pack_fp4 (ND), plain path", "all", t);
+    kernels::force_plain_path(false);
+    kernels::pack_int4(&ints, &mut nd).unwrap();
+    let t = timer(None, &mut || kernels::unpack_int4(black_box(&nd), &mut unpacked).unwrap());
+    row("unpack_int4 (writes int32)", "all", t);
+    let t = timer(None, &mut || kernels::nd_to_nz(black_box(&nd), geom, GroupOffset::Padded, &mut nz).unwrap());
+    row("nd_to_nz (packed bytes only)", "all", t);
+    print_table(k, n, !small, &rows);
+    if small {
+        let n_auto = rows.iter().find(|r| r.name == "pack_int4 (ND)" && r.threads == "all").map(|r| r.time);
+        let n_one = rows.iter().find(|r| r.name == "pack_int4 (ND)" && r.threads == "1").map(|r| r.time);
+        if let (Some(a), Some(o)) = (n_auto, n_one) {
+            println!(
+                "small weight: default pack_int4 {:.0} ns vs single-thread pool {:.0} ns ({} elements < \
+                 PARALLEL_THRESHOLD = {}: no thread start-up)",
+                a.as_secs_f64() * 1e9,
+                o.as_secs_f64() * 1e9,
+                weights,
+                kernels::PARALLEL_THRESHOLD
+            );
+        }
+    }
+}
+
+/// Bytes moved between host and device per weight: operator path vs host fast path.
+fn traffic(k: usize, n: usize) -> Result<(), BoxError> {
+    let weights = k * n;
+    let ints = int_input(weights);
+    let runtime = Runtime::new(Backend::table("sim", aclnn::sim::install(aclnn::sim::SimConfig::default())?))?;
+    let device = runtime.device(0)?;
+    let stream = device.new_stream()?;
+    let shape = [k as i64, n as i64];
+    println!();
+    println!("== simulator copy counters, int32 weight {k} x {n}, INT32 containers ==");
+    println!("{:<52} {:>12} {:>12} {:>10} {:>9}", "path", "host->dev B", "dev->host B", "other B", "B/weight");
+    for format in [Format::Nd, Format::FractalNz] {
+        let options = PackOptions { format, ..PackOptions::default() };
+        aclnn::sim::reset_counters();
+        let packed_op = {
+            let buffer = DeviceBuffer::from_host(&stream, &ints)?;
+            let weight = Tensor::new(&buffer, TensorDesc::nd(DType::Int32, &shape))?;
+            int4pack::convert_weight_to_int4_pack(&weight, options)?
+        };
+        let op = aclnn::sim::stats().copies;
+        aclnn::sim::reset_counters();
+        let packed_host = int4pack::pack_int4_on_host(&stream, &ints, &shape, options)?;
+        let host = aclnn::sim::stats().copies;
+        if packed_op.to_host_bytes()? != packed_host.to_host_bytes()? {
+            return Err("operator and host paths disagree".into());
+        }
+        for (name, c) in [
+            (format!("operator (upload int32, D2H, pack, H2D), {format:?}"), op),
+            (format!("host fast path (pack, upload packed), {format:?}"), host),
+        ] {
+            let other = c.device_to_device + c.host_to_host;
+            let total = c.host_to_device + c.device_to_host + other;
+            println!(
+                "{:<52} {:>12} {:>12} {:>10} {:>9.2}",
+                name,
+                c.host_to_device,
+                c.device_to_host,
+                other,
+                total as f64 / weights as f64
+            );
+        }
+    }
+    stream.synchronize()?;
+    Ok(())
+}
+
+fn main() -> Result<(), BoxError> {
+    let opts = parse_args()?;
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    println!(
+        "bench_pack: {} mode, {} runs per median, {} rayon threads, LLC {} MiB, {} build",
+        if opts.full { "full" } else { "quick" },
+        opts.runs,
+        rayon::current_num_threads(),
+        llc_bytes() >> 20,
+        if cfg!(debug_assertions) { "debug (numbers not meaningful)" } else { "release" }
+    );
+    println!("packing path: {}", kernels::simd_path());
+    println!("ratios: 'all' rows against the all-cores read floor, '1' rows against the one-thread floor");
+    let mut flusher = Flusher::new();
+    for &(k, n) in &opts.sizes {
+        bench_size(k, n, opts.runs, &mut flusher, &one);
+    }
+    let (k, n) = if opts.full { (4096, 11008) } else { (256, 2048) };
+    traffic(k, n)?;
+    Ok(())
+}
