@@ -343,18 +343,18 @@ pub fn convert_weight_to_int4_pack_plan<'t>(weight: &'t Tensor<'_>, pack: &'t mu
             return Err(unaligned_3d_nz(view, geom));
         }
     }
-    if let Some(write) = operator_write_bytes(weight.desc(), pack.desc(), family) {
-        if write > pack.capacity_bytes() as u64 {
-            return Err(Error::invalid(
-                "weightInt4Pack",
-                format!(
-                    "the operator writes {write} bytes for weight {:?} but the buffer holds {}",
-                    weight.desc().view,
-                    pack.capacity_bytes()
-                ),
-                format!("a buffer of at least {write} bytes"),
-            ));
-        }
+    if let Some(write) = operator_write_bytes(weight.desc(), pack.desc(), family)
+        && write > pack.capacity_bytes() as u64
+    {
+        return Err(Error::invalid(
+            "weightInt4Pack",
+            format!(
+                "the operator writes {write} bytes for weight {:?} but the buffer holds {}",
+                weight.desc().view,
+                pack.capacity_bytes()
+            ),
+            format!("a buffer of at least {write} bytes"),
+        ));
     }
     // The operator copies synchronously and ignores streams: wait for queued work that writes
     // the weight or still uses the output memory.

@@ -256,19 +256,19 @@ fn convert(weight: *const aclTensor, pack_ptr: *mut aclTensor) -> aclnnStatus {
             (ChipFamily::Ascend950, sys::ACL_INT32) => Some([ceil_div(pn, 2), ceil_div(pk, 16), 16, 2]),
             _ => None,
         };
-        if let Some(e) = expected {
-            if s != e {
-                return param(
-                    INVALID,
-                    format!(
-                        "weightInt4Pack's storage shape should be [{}, {}, 16, {}], but actual is {}.",
-                        e[0],
-                        e[1],
-                        e[3],
-                        dims(&p.storage)
-                    ),
-                );
-            }
+        if let Some(e) = expected
+            && s != e
+        {
+            return param(
+                INVALID,
+                format!(
+                    "weightInt4Pack's storage shape should be [{}, {}, 16, {}], but actual is {}.",
+                    e[0],
+                    e[1],
+                    e[3],
+                    dims(&p.storage)
+                ),
+            );
         }
     }
     transform(&w, pack_ptr, &p, nz, family)

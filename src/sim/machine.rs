@@ -242,10 +242,10 @@ impl Machine {
     }
 
     fn describe_bad_address(&self, addr: u64) -> String {
-        if let Some((&base, &size)) = self.freed.range(..=addr).next_back() {
-            if addr - base < size.max(1) + ALLOC_PADDING {
-                return format!("address {addr:#x} belongs to an allocation at {base:#x} that was already freed");
-            }
+        if let Some((&base, &size)) = self.freed.range(..=addr).next_back()
+            && addr - base < size.max(1) + ALLOC_PADDING
+        {
+            return format!("address {addr:#x} belongs to an allocation at {base:#x} that was already freed");
         }
         format!("address {addr:#x} is not inside any live device allocation")
     }

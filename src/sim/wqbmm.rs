@@ -210,10 +210,10 @@ fn prepare(args: [*const aclTensor; 8], group_size: c_int) -> Result<Job, aclnnS
     if scale.dtype != x.dtype {
         return Err(param(INVALID, "antiquantScale dtype should be the same as x dtype."));
     }
-    if let Some(o) = &offset {
-        if o.dtype != x.dtype {
-            return Err(param(INVALID, "antiquantOffsetOptional dtype should be the same as x dtype."));
-        }
+    if let Some(o) = &offset
+        && o.dtype != x.dtype
+    {
+        return Err(param(INVALID, "antiquantOffsetOptional dtype should be the same as x dtype."));
     }
     let bias_f32 = match (&bias, precision) {
         (None, _) => false,
@@ -244,10 +244,10 @@ fn prepare(args: [*const aclTensor; 8], group_size: c_int) -> Result<Job, aclnnS
         ("biasOptional", bias.as_ref()),
         ("y", Some(&y)),
     ] {
-        if let Some(t) = t {
-            if t.format != sys::ACL_FORMAT_ND {
-                return Err(param(INVALID, format!("{name} format should be ND.")));
-            }
+        if let Some(t) = t
+            && t.format != sys::ACL_FORMAT_ND
+        {
+            return Err(param(INVALID, format!("{name} format should be ND.")));
         }
     }
     // ranks
@@ -269,10 +269,10 @@ fn prepare(args: [*const aclTensor; 8], group_size: c_int) -> Result<Job, aclnnS
         ("biasOptional", bias.as_ref()),
         ("y", Some(&y)),
     ] {
-        if let Some(t) = t {
-            if !is_contiguous_2d(t) {
-                return Err(param(INVALID, format!("{name} should be contiguous.")));
-            }
+        if let Some(t) = t
+            && !is_contiguous_2d(t)
+        {
+            return Err(param(INVALID, format!("{name} should be contiguous.")));
         }
     }
     // INT32-packed weights are re-described as INT4: the packed dim times 8.
@@ -287,10 +287,8 @@ fn prepare(args: [*const aclTensor; 8], group_size: c_int) -> Result<Job, aclnnS
                 weight.strides = vec![weight.view[1], 1];
             }
         }
-        if nz {
-            if let Some(last) = weight.storage.last_mut() {
-                *last = last.saturating_mul(8);
-            }
+        if nz && let Some(last) = weight.storage.last_mut() {
+            *last = last.saturating_mul(8);
         }
     }
     // shapes and ranges
@@ -342,15 +340,15 @@ fn prepare(args: [*const aclTensor; 8], group_size: c_int) -> Result<Job, aclnnS
             ),
         ));
     }
-    if let Some(o) = &offset {
-        if o.view != scale.view {
-            return Err(param(INVALID, "antiquantOffsetOptional shape should be the same as antiquantScale shape."));
-        }
+    if let Some(o) = &offset
+        && o.view != scale.view
+    {
+        return Err(param(INVALID, "antiquantOffsetOptional shape should be the same as antiquantScale shape."));
     }
-    if let Some(b) = &bias {
-        if !dims_eq(b, &[&[n], &[1, n]]) {
-            return Err(param(INVALID, format!("biasOptional shape should be [{n}] or [1, {n}].")));
-        }
+    if let Some(b) = &bias
+        && !dims_eq(b, &[&[n], &[1, n]])
+    {
+        return Err(param(INVALID, format!("biasOptional shape should be [{n}] or [1, {n}].")));
     }
     // A2/A3 rules for int4 weights in FRACTAL_NZ, and the NZ storage itself.
     let storage = if nz {
