@@ -335,11 +335,23 @@ fn bench_size(k: usize, n: usize, runs: usize, flusher: &mut Flusher, one: &rayo
     row("pack_fp4 (ND)", "1", t);
     let t = timer(None, &mut || kernels::pack_fp4_nz_checked(black_box(&floats), geom, &mut nz).unwrap());
     row("pack_fp4_nz_checked (fused NZ, c0=32)", "all", t);
+    if kernels::simd_path() == "avx512" {
+        kernels::force_avx2_path(true);
+        let t = timer(None, &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
+        row("pack_int4 (ND), AVX2 path", "all", t);
+        let t = timer(None, &mut || kernels::pack_int4_checked(black_box(&ints), &mut nd).unwrap());
+        row("pack_int4_checked (ND), AVX2 path", "all", t);
+        let t = timer(None, &mut || kernels::pack_int4_nz_checked(black_box(&ints), geom, &mut nz).unwrap());
+        row("pack_int4_nz_checked, AVX2 path", "all", t);
+        let t = timer(None, &mut || kernels::pack_fp4(black_box(&floats), &mut nd).unwrap());
+        row("pack_fp4 (ND), AVX2 path", "all", t);
+        kernels::force_avx2_path(false);
+    }
     kernels::force_plain_path(true);
     let t = timer(None, &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
-    row("pack_int4 (ND), plain path (no AVX2)", "all", t);
+    row("pack_int4 (ND), plain path (no SIMD)", "all", t);
     let t = timer(Some(one), &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
-    row("pack_int4 (ND), plain path (no AVX2)", "1", t);
+    row("pack_int4 (ND), plain path (no SIMD)", "1", t);
     let t = timer(None, &mut || kernels::pack_int4_nz_checked(black_box(&ints), geom, &mut nz).unwrap());
     row("pack_int4_nz_checked, plain path", "all", t);
     let t = timer(None, &mut || kernels::pack_fp4(black_box(&floats), &mut nd).unwrap());

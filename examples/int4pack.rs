@@ -667,10 +667,10 @@ fn check_npy_header(file: &[u8]) -> Result<(), String> {
     };
     let Some(text) = file.get(start..start.saturating_add(len)) else { return Ok(()) };
     let text = String::from_utf8_lossy(text);
-    if let Some(descr) = value_after_key(&text, "descr") {
-        if !descr.starts_with(['\'', '"']) {
-            return Err("structured dtypes are not supported; expected int32 or float32".into());
-        }
+    if let Some(descr) = value_after_key(&text, "descr")
+        && !descr.starts_with(['\'', '"'])
+    {
+        return Err("structured dtypes are not supported; expected int32 or float32".into());
     }
     let Some(shape) = value_after_key(&text, "shape") else { return Ok(()) };
     let Some(inner) = shape.strip_prefix(['(', '[']) else { return Ok(()) };

@@ -177,7 +177,12 @@ impl TensorDesc {
         let bits = self.dtype.bits().ok_or_else(|| {
             Error::invalid("tensor dtype", format!("{:?} has no known element size", self.dtype), "a named DType")
         })?;
-        let elements = self.storage.iter().try_fold(1u64, |acc, d| acc.checked_mul(*d as u64));
+        // An empty dim makes the storage empty, whatever the other dims are.
+        let elements = if self.storage.contains(&0) {
+            Some(0)
+        } else {
+            self.storage.iter().try_fold(1u64, |acc, d| acc.checked_mul(*d as u64))
+        };
         elements
             .and_then(|e| e.checked_mul(bits))
             .map(|b| b.div_ceil(8))

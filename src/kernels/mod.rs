@@ -8,7 +8,7 @@
 //! * [`nd_to_nz`] / [`nz_to_nd`] convert packed bytes between ND and FRACTAL_NZ, including the
 //!   CANN group-offset quirk ([`GroupOffset::Unpadded`]).
 //! * [`pack_int4_nz_checked`] / [`pack_fp4_nz_checked`] pack and lay out in one pass.
-//! * [`reference`] holds naive scalar versions used as test and benchmark baselines.
+//! * [`reference`](mod@reference) holds naive scalar versions used as test and benchmark baselines.
 //!
 //! All kernels never panic on inputs that pass their length checks, write straight into the
 //! caller's buffer, and switch to rayon for inputs of at least [`PARALLEL_THRESHOLD`] elements
@@ -16,14 +16,16 @@
 //!
 //! # Performance
 //!
-//! The packers run at close to the speed of reading their `int32` / `f32` input once (see
+//! The packers run at about the speed of reading their `int32` / `f32` input once (see
 //! `docs/performance.md` and `examples/bench_pack.rs`). The plain path is safe Rust written to
 //! auto-vectorise (two codes per byte, whole runs at a time, range check fused as an OR of
-//! branch-free flags); on x86-64 an AVX2 path (module `x86`, the only `unsafe` code here) is
-//! chosen at run time when the CPU has it, and is tested byte for byte against the plain path.
-//! [`simd_path`] tells which one is in use. The FRACTAL_NZ packers pack each `c0`-byte piece of
-//! a source row directly into its place in the NZ tile: one pass over the input, no scatter with
-//! div/mod per element.
+//! branch-free flags); on x86-64 an AVX-512 (F + BW + VBMI) or AVX2 path (module `x86`, the only
+//! `unsafe` code here) is chosen at run time when the CPU has it, and is tested byte for byte
+//! against the plain path. [`simd_path`] tells which one is in use. The checked INT4 SIMD
+//! packers saturate the values to bytes, which serves both the range check and the packing, so
+//! the check costs nothing measurable. The FRACTAL_NZ packers fill one whole `16 x c0` tile at a
+//! time (every destination cache line written completely, once) straight from the source rows:
+//! one pass over the input, no scatter with div/mod per element, one SIMD call per 16-row block.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,31 +53,50 @@ fn par_chunk(len: usize) -> usize {
 }
 
 /// Packs a run of elements: `src.len() == 2 * dst.len()`; returns a non-zero flag if (with
-/// `CHECK`) any element is not representable.
+/// `CHECK`) any element is not representable, and then the contents of `dst` are unspecified
+/// (the checked AVX-512 INT packer saturates instead of masking).
 type RunFn<T> = fn(&[T], &mut [u8]) -> u32;
 
-/// Packs one source row into the `c0`-byte pieces at byte `at` of consecutive NZ tiles:
-/// `row_fn(src, tiles, at, c0)` packs `src[2 c0 j..2 c0 (j + 1)]` into `tiles[j][at..at + c0]`
-/// for every tile (`src.len() == 2 * c0 * tiles.len()`); returns the `CHECK` flag like [`RunFn`].
-type RowFn<T> = for<'a> fn(&[T], &mut [&'a mut [u8]], usize, usize) -> u32;
+/// Packs whole NZ tiles: `tile_fn(src, stride, rows, c0, tiles)` packs, for every tile `j` and
+/// row `t < rows`, the `2 c0` elements at `src[t * stride + 2 c0 j..]` into
+/// `tiles[j][t c0..(t + 1) c0]` (one tile after the other, each written sequentially); returns
+/// the `CHECK` flag like [`RunFn`]. Panics if `src` or a tile is too short.
+type TileFn<T> = for<'a> fn(&[T], usize, usize, usize, &mut [&'a mut [u8]]) -> u32;
 
-/// The (source run, destination piece) pairs of a [`RowFn`] call.
-fn row_pairs<'s, 't, T>(
+/// The (source run, destination piece) pairs of a [`TileFn`] call, in destination order (tile
+/// by tile, each tile's rows in order). Panics if `src` or a tile is too short.
+fn tile_pairs<'s, 't, T>(
     src: &'s [T],
-    tiles: &'t mut [&mut [u8]],
-    at: usize,
+    stride: usize,
+    rows: usize,
     c0: usize,
+    tiles: &'t mut [&mut [u8]],
 ) -> impl Iterator<Item = (&'s [T], &'t mut [u8])> {
-    src.chunks_exact(2 * c0).zip(tiles.iter_mut().map(move |t| &mut t[at..at + c0]))
+    tiles.iter_mut().enumerate().flat_map(move |(j, tile)| {
+        let tile: &'t mut [u8] = tile;
+        tile[..rows * c0].chunks_exact_mut(c0).enumerate().map(move |(t, piece)| {
+            let s = t * stride + 2 * c0 * j;
+            (&src[s..s + 2 * c0], piece)
+        })
+    })
 }
 
-/// The plain [`RowFn`].
-fn pack_row_plain<T: Element, const CHECK: bool>(src: &[T], tiles: &mut [&mut [u8]], at: usize, c0: usize) -> u32 {
-    row_pairs(src, tiles, at, c0).fold(0, |bad, (s, d)| bad | pack_run_plain::<T, CHECK>(s, d))
+/// The plain [`TileFn`].
+fn pack_tiles_plain<T: Element, const CHECK: bool>(
+    src: &[T],
+    stride: usize,
+    rows: usize,
+    c0: usize,
+    tiles: &mut [&mut [u8]],
+) -> u32 {
+    tile_pairs(src, stride, rows, c0, tiles).fold(0, |bad, (s, d)| bad | pack_run_plain::<T, CHECK>(s, d))
 }
 
 /// When set, the kernels use the plain path even where a SIMD path is available.
 static FORCE_PLAIN: AtomicBool = AtomicBool::new(false);
+
+/// When set, the kernels use at most the AVX2 path (never AVX-512).
+static FORCE_AVX2: AtomicBool = AtomicBool::new(false);
 
 /// Makes the kernels use (`true`) or stop forcing (`false`) the plain, auto-vectorised path
 /// instead of the run-time detected SIMD path. For benchmarks and tests that compare the two;
@@ -85,14 +106,24 @@ pub fn force_plain_path(force: bool) {
     FORCE_PLAIN.store(force, Ordering::Relaxed);
 }
 
-/// Name of the packing path the kernels use on this CPU: `"avx2"` or `"plain"`.
+/// Makes the kernels use (`true`) or stop forcing (`false`) at most the AVX2 path where the
+/// AVX-512 path would be chosen. For benchmarks and tests; the output is the same either way.
+#[doc(hidden)]
+pub fn force_avx2_path(force: bool) {
+    FORCE_AVX2.store(force, Ordering::Relaxed);
+}
+
+/// The x86 SIMD level the kernels use now (none if the plain path is forced or not detected).
+#[cfg(target_arch = "x86_64")]
+fn x86_level() -> Option<x86::Level> {
+    if FORCE_PLAIN.load(Ordering::Relaxed) { None } else { x86::best(FORCE_AVX2.load(Ordering::Relaxed)) }
+}
+
+/// Name of the packing path the kernels use on this CPU: `"avx512"`, `"avx2"` or `"plain"`.
 pub fn simd_path() -> &'static str {
-    if FORCE_PLAIN.load(Ordering::Relaxed) {
-        return "plain";
-    }
     #[cfg(target_arch = "x86_64")]
-    if x86::int_runner::<false>().is_some() {
-        return "avx2";
+    if let Some(level) = x86_level() {
+        return level.name();
     }
     "plain"
 }
@@ -238,8 +269,8 @@ trait Element: Copy + Send + Sync + 'static {
     fn code(self) -> u8;
     /// The best run packer for this CPU (SIMD if detected and not disabled, else plain).
     fn runner<const CHECK: bool>() -> RunFn<Self>;
-    /// The best row packer for FRACTAL_NZ tiles, chosen like [`Element::runner`].
-    fn row_runner<const CHECK: bool>() -> RowFn<Self>;
+    /// The best tile packer for FRACTAL_NZ, chosen like [`Element::runner`].
+    fn tile_runner<const CHECK: bool>() -> TileFn<Self>;
     /// 1 if the value is not representable (branch-free), else 0.
     fn bad(self) -> u32;
     /// The error reported for this value at `index`.
@@ -254,22 +285,18 @@ impl Element for i32 {
 
     fn runner<const CHECK: bool>() -> RunFn<Self> {
         #[cfg(target_arch = "x86_64")]
-        if !FORCE_PLAIN.load(Ordering::Relaxed) {
-            if let Some(f) = x86::int_runner::<CHECK>() {
-                return f;
-            }
+        if let Some(f) = x86_level().and_then(x86::int_runner::<CHECK>) {
+            return f;
         }
         pack_run_plain::<Self, CHECK>
     }
 
-    fn row_runner<const CHECK: bool>() -> RowFn<Self> {
+    fn tile_runner<const CHECK: bool>() -> TileFn<Self> {
         #[cfg(target_arch = "x86_64")]
-        if !FORCE_PLAIN.load(Ordering::Relaxed) {
-            if let Some(f) = x86::int_row_runner::<CHECK>() {
-                return f;
-            }
+        if let Some(f) = x86_level().and_then(x86::int_tile_runner::<CHECK>) {
+            return f;
         }
-        pack_row_plain::<Self, CHECK>
+        pack_tiles_plain::<Self, CHECK>
     }
 
     #[inline(always)]
@@ -290,22 +317,18 @@ impl Element for f32 {
 
     fn runner<const CHECK: bool>() -> RunFn<Self> {
         #[cfg(target_arch = "x86_64")]
-        if !FORCE_PLAIN.load(Ordering::Relaxed) {
-            if let Some(f) = x86::fp4_runner::<CHECK>() {
-                return f;
-            }
+        if let Some(f) = x86_level().and_then(x86::fp4_runner::<CHECK>) {
+            return f;
         }
         pack_run_plain::<Self, CHECK>
     }
 
-    fn row_runner<const CHECK: bool>() -> RowFn<Self> {
+    fn tile_runner<const CHECK: bool>() -> TileFn<Self> {
         #[cfg(target_arch = "x86_64")]
-        if !FORCE_PLAIN.load(Ordering::Relaxed) {
-            if let Some(f) = x86::fp4_row_runner::<CHECK>() {
-                return f;
-            }
+        if let Some(f) = x86_level().and_then(x86::fp4_tile_runner::<CHECK>) {
+            return f;
         }
-        pack_row_plain::<Self, CHECK>
+        pack_tiles_plain::<Self, CHECK>
     }
 
     #[inline(always)]
@@ -352,7 +375,7 @@ fn pack_checked_serial<T: Element>(run: RunFn<T>, src: &[T], dst: &mut [u8]) -> 
 }
 
 fn check_pack_lengths(src_len: usize, out_len: usize) -> Result<(), LayoutError> {
-    if src_len % 2 != 0 {
+    if !src_len.is_multiple_of(2) {
         return Err(LayoutError::new("source length in elements (must be even)", src_len + 1, src_len));
     }
     if out_len != src_len / 2 {
@@ -529,7 +552,7 @@ impl NzGeometry {
     /// True if no padding is needed (`rows % 16 == 0 && row_bytes % c0 == 0`); then
     /// [`GroupOffset::Unpadded`] and [`GroupOffset::Padded`] give the same layout.
     pub const fn is_aligned(&self) -> bool {
-        self.c0 != 0 && self.rows % 16 == 0 && self.row_bytes % self.c0 == 0
+        self.c0 != 0 && self.rows.is_multiple_of(16) && self.row_bytes.is_multiple_of(self.c0)
     }
 
     fn validate(&self) -> Result<(), LayoutError> {
@@ -563,22 +586,24 @@ fn check_nz_lengths(geom: &NzGeometry, nd_len: usize, nz_len: usize) -> Result<(
 
 /// Writes every byte of a padded NZ buffer exactly once.
 ///
-/// For each data row it calls `fill_row(nd_row, tiles, at)` for the row's first `N1 - 1` column
-/// blocks (it must fill `tiles[j][at..at + c0]` with row bytes `j * c0..(j + 1) * c0`) and
-/// `fill(nd_row, first_byte_column, data)` for the last, possibly short, piece `data`, where
-/// `nd_row = g * rows + r`. Both return a flag that is OR-ed into the result. Padding is zeroed
-/// here.
+/// For each 16-row block (`data_rows <= 16` rows from ND row `nd_row0 = g * rows + r0`) it calls
+/// `fill_tiles(nd_row0, data_rows, tiles)` for the block's first `N1 - 1` column blocks (it must
+/// fill rows `0..data_rows` of `tiles[j]` with bytes `j * c0..(j + 1) * c0` of those ND rows),
+/// then `fill(nd_row, first_byte_column, data)` for the last, possibly short, piece `data` of
+/// each row. Both return a flag that is OR-ed into the result. Padding is zeroed here.
 /// Requires a validated geometry and `out.len() == geom.total_bytes()`.
 ///
-/// The work unit is one 16-row block of one group, i.e. its `N1` tiles of `16 x c0` bytes: it
-/// walks its source rows in order and fills, for each row, the `c0`-byte piece of every column
-/// block. The input is read once and sequentially, no index is computed per element, and the
-/// writes of a unit stay within `N1 * 16 * c0` bytes (about 16 source rows' worth of output,
-/// cache-resident) until every byte of those tiles is written.
-fn fill_nz<F, R>(geom: &NzGeometry, out: &mut [u8], parallel: bool, fill: F, fill_row: R) -> u32
+/// The work unit is one 16-row block of one group, i.e. its `N1` tiles of `16 x c0` bytes. Each
+/// tile is written whole and in order (16 `c0`-byte rows, one contiguous 512-byte run for
+/// `c0 = 32`) before the next, so every destination cache line is written completely at once;
+/// the input is read once, as 16 interleaved sequential streams, and no index is computed per
+/// element. (Writing each source row's pieces into all `N1` tiles instead leaves half-written
+/// lines in tiles `K1 * 16 * c0` bytes apart, all in the same cache sets, which are evicted and
+/// re-read before the next row completes them.)
+fn fill_nz<F, R>(geom: &NzGeometry, out: &mut [u8], parallel: bool, fill: F, fill_tiles: R) -> u32
 where
     F: Fn(usize, usize, &mut [u8]) -> u32 + Sync,
-    R: Fn(usize, &mut [&mut [u8]], usize) -> u32 + Sync,
+    R: Fn(usize, usize, &mut [&mut [u8]]) -> u32 + Sync,
 {
     debug_assert_eq!(out.len(), geom.total_bytes());
     if out.is_empty() {
@@ -604,12 +629,11 @@ where
         let (g, r0) = (u / k1, (u % k1) * 16);
         let data_rows = rows.saturating_sub(r0).min(16);
         let (full, last) = unit_tiles.split_at_mut(n1 - 1);
-        let mut bad = 0;
+        let nd_row0 = g * rows + r0;
+        let mut bad = if full.is_empty() { 0 } else { fill_tiles(nd_row0, data_rows, full) };
         for t in 0..data_rows {
-            let nd_row = g * rows + r0 + t;
-            bad |= fill_row(nd_row, full, t * c0);
             let (data, pad) = last[0][t * c0..(t + 1) * c0].split_at_mut(last_len);
-            bad |= fill(nd_row, (n1 - 1) * c0, data);
+            bad |= fill(nd_row0 + t, (n1 - 1) * c0, data);
             pad.fill(0);
         }
         for tile in unit_tiles.iter_mut() {
@@ -648,10 +672,12 @@ pub fn nd_to_nz(packed: &[u8], geom: NzGeometry, offset: GroupOffset, out: &mut 
                 data.copy_from_slice(&packed[s..s + data.len()]);
                 0
             },
-            |nd_row, tiles, at| {
-                let row = &packed[nd_row * nb..nd_row * nb + tiles.len() * c0];
-                for (piece, tile) in row.chunks_exact(c0).zip(tiles.iter_mut()) {
-                    tile[at..at + c0].copy_from_slice(piece);
+            |nd_row0, data_rows, tiles| {
+                for (j, tile) in tiles.iter_mut().enumerate() {
+                    for (t, piece) in tile[..data_rows * c0].chunks_exact_mut(c0).enumerate() {
+                        let s = (nd_row0 + t) * nb + j * c0;
+                        piece.copy_from_slice(&packed[s..s + c0]);
+                    }
                 }
                 0
             },
@@ -715,7 +741,7 @@ fn pack_nz_checked_impl<T: Element>(src: &[T], geom: NzGeometry, out: &mut [u8])
     check_nz_lengths(&geom, geom.nd_bytes(), out.len())?;
     let nb = geom.row_bytes;
     let parallel = src.len() >= PARALLEL_THRESHOLD;
-    let (run, row_run, c0) = (T::runner::<true>(), T::row_runner::<true>(), geom.c0);
+    let (run, tile_run, c0) = (T::runner::<true>(), T::tile_runner::<true>(), geom.c0);
     let bad = fill_nz(
         &geom,
         out,
@@ -724,10 +750,7 @@ fn pack_nz_checked_impl<T: Element>(src: &[T], geom: NzGeometry, out: &mut [u8])
             let s = 2 * (nd_row * nb + col);
             run(&src[s..s + 2 * data.len()], data)
         },
-        |nd_row, tiles, at| {
-            let s = 2 * nd_row * nb;
-            row_run(&src[s..s + 2 * c0 * tiles.len()], tiles, at, c0)
-        },
+        |nd_row0, data_rows, tiles| tile_run(&src[2 * nd_row0 * nb..], 2 * nb, data_rows, c0, tiles),
     );
     match if bad != 0 { first_bad(src) } else { None } {
         Some(i) => Err(src[i].error(i)),
@@ -1351,8 +1374,8 @@ mod tests {
 
     // --- SIMD paths against the plain path ------------------------------------------------
 
-    /// Every available SIMD runner (both `CHECK` variants) gives the plain path's bytes and
-    /// flag on `src`. Returns how many runners were compared.
+    /// Every available SIMD runner gives the plain path's flag on `src` and its bytes (the
+    /// checked runners only if every element is representable). Returns how many runners were compared.
     fn simd_matches_plain<T: Element + std::fmt::Debug>(src: &[T], simd: &[(RunFn<T>, RunFn<T>)]) -> usize {
         let n = src.len() / 2;
         let mut plain = vec![0u8; n];
@@ -1366,17 +1389,30 @@ mod tests {
             assert_eq!(out, plain, "unchecked, n = {}", 2 * n);
             let mut out = vec![0xA5u8; n];
             let bad = checked(&src[..2 * n], &mut out);
-            assert_eq!(out, plain, "checked, n = {}", 2 * n);
             assert_eq!(bad != 0, plain_bad != 0, "flag, n = {}", 2 * n);
+            // With a bad element the checked output is unspecified (callers report an error).
+            if plain_bad == 0 {
+                assert_eq!(out, plain, "checked, n = {}", 2 * n);
+            }
         }
         simd.len()
+    }
+
+    /// Number of SIMD levels this CPU supports (every one is tested).
+    fn simd_levels() -> usize {
+        #[cfg(target_arch = "x86_64")]
+        return x86::Level::ALL.iter().filter(|l| l.detected()).count();
+        #[cfg(not(target_arch = "x86_64"))]
+        0
     }
 
     fn int_runners() -> Vec<(RunFn<i32>, RunFn<i32>)> {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        if let (Some(a), Some(b)) = (x86::int_runner::<false>(), x86::int_runner::<true>()) {
-            v.push((a, b));
+        for level in x86::Level::ALL {
+            if let (Some(a), Some(b)) = (x86::int_runner::<false>(level), x86::int_runner::<true>(level)) {
+                v.push((a, b));
+            }
         }
         v
     }
@@ -1384,8 +1420,29 @@ mod tests {
     fn fp4_runners() -> Vec<(RunFn<f32>, RunFn<f32>)> {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        if let (Some(a), Some(b)) = (x86::fp4_runner::<false>(), x86::fp4_runner::<true>()) {
-            v.push((a, b));
+        for level in x86::Level::ALL {
+            if let (Some(a), Some(b)) = (x86::fp4_runner::<false>(level), x86::fp4_runner::<true>(level)) {
+                v.push((a, b));
+            }
+        }
+        v
+    }
+
+    /// Every available SIMD tile packer: (INT unchecked, INT checked, FP4 unchecked, FP4 checked).
+    type Tiles4 = (TileFn<i32>, TileFn<i32>, TileFn<f32>, TileFn<f32>);
+
+    fn tile_runners() -> Vec<Tiles4> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        for level in x86::Level::ALL {
+            if let (Some(a), Some(b), Some(c), Some(d)) = (
+                x86::int_tile_runner::<false>(level),
+                x86::int_tile_runner::<true>(level),
+                x86::fp4_tile_runner::<false>(level),
+                x86::fp4_tile_runner::<true>(level),
+            ) {
+                v.push((a, b, c, d));
+            }
         }
         v
     }
@@ -1417,46 +1474,98 @@ mod tests {
         simd_matches_plain(&bits, &floats);
         let ints_raw: Vec<i32> = lcg_values(4096, 5).into_iter().map(|x| x as i32).collect();
         simd_matches_plain(&ints_raw, &ints);
+        // A bad value at every position of every length up to 160 (all tails and block lanes
+        // of both SIMD widths), for every kind of bad value.
+        for n in (2..=160).step_by(2) {
+            for pos in 0..n {
+                for bad_i in [8, -9, i32::MIN, i32::MAX, 16, -17] {
+                    let mut s = base_i[..n].to_vec();
+                    s[pos] = bad_i;
+                    simd_matches_plain(&s, &ints);
+                }
+                for bad_f in [6.000_001f32, -6.5, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1e30] {
+                    let mut f = base_f[..n].to_vec();
+                    f[pos] = bad_f;
+                    simd_matches_plain(&f, &floats);
+                }
+            }
+        }
+        // Boundary values everywhere: all in range (accepted) and just outside (rejected).
+        let edge_i: Vec<i32> = (0..300).map(|i| [-8, 7, 0, -1][i % 4]).collect();
+        simd_matches_plain(&edge_i, &ints);
+        let edge_f: Vec<f32> = (0..300).map(|i| [6.0f32, -6.0, 0.0, -0.0, 1e-45][i % 5]).collect();
+        simd_matches_plain(&edge_f, &floats);
+        assert_eq!(ints.len(), simd_levels());
+        assert_eq!(floats.len(), simd_levels());
         if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx2") {
-            assert_eq!(ints.len(), 1);
-            assert_eq!(fp4_runners().len(), 1);
+            assert!(!ints.is_empty());
         }
     }
 
     #[test]
-    fn simd_row_runners_match_plain() {
-        let mut rows: Vec<(RowFn<i32>, RowFn<f32>)> = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        for (i, f) in [
-            (x86::int_row_runner::<false>(), x86::fp4_row_runner::<false>()),
-            (x86::int_row_runner::<true>(), x86::fp4_row_runner::<true>()),
-        ] {
-            if let (Some(i), Some(f)) = (i, f) {
-                rows.push((i, f));
-            }
-        }
-        let plain: [(RowFn<i32>, RowFn<f32>); 2] = [
-            (pack_row_plain::<i32, false>, pack_row_plain::<f32, false>),
-            (pack_row_plain::<i32, true>, pack_row_plain::<f32, true>),
-        ];
-        for c0 in [1, 2, 8, 16, 32] {
-            for n1 in 0..5 {
-                let mut ints = in_range_i32(2 * c0 * n1, c0 as u64);
-                let floats = in_range_f32(2 * c0 * n1, n1 as u64);
-                if n1 > 2 {
-                    ints[2 * c0 + 1] = 99;
-                }
-                for (k, &(ri, rf)) in rows.iter().enumerate() {
-                    let (pi, pf) = plain[k % 2];
-                    for at in [0, c0, 3 * c0] {
-                        let mut a = vec![vec![0x11u8; 4 * c0]; n1];
-                        let mut b = a.clone();
-                        let mut ta: Vec<&mut [u8]> = a.iter_mut().map(|v| v.as_mut_slice()).collect();
-                        let mut tb: Vec<&mut [u8]> = b.iter_mut().map(|v| v.as_mut_slice()).collect();
-                        assert_eq!(ri(&ints, &mut ta, at, c0) != 0, pi(&ints, &mut tb, at, c0) != 0);
-                        assert_eq!(ta, tb, "int c0 {c0} n1 {n1} at {at}");
-                        assert_eq!(rf(&floats, &mut ta, at, c0) != 0, pf(&floats, &mut tb, at, c0) != 0);
-                        assert_eq!(ta, tb, "fp4 c0 {c0} n1 {n1} at {at}");
+    fn simd_tile_runners_match_plain() {
+        let tiles_fns = tile_runners();
+        assert_eq!(tiles_fns.len(), simd_levels());
+        for c0 in [1, 2, 3, 4, 7, 8, 9, 16, 24, 31, 32, 33, 40, 64] {
+            for n1 in 0..4 {
+                for rows in [1, 2, 5, 16] {
+                    let stride = 2 * c0 * n1 + 2 * (c0 % 3); // rows may be longer than the tiles
+                    let len = (rows - 1) * stride + 2 * c0 * n1;
+                    let mut ints = in_range_i32(len, (c0 * 7 + n1 * 3 + rows) as u64);
+                    let mut floats = in_range_f32(len, (c0 + n1 + rows) as u64);
+                    if n1 > 1 && rows > 1 {
+                        ints[stride + 2 * c0 + 1] = 99;
+                        floats[stride + 2 * c0] = f32::NAN;
+                    }
+                    // Elements between the tiles' data (stride padding) must not matter.
+                    let mut pad_i = ints.clone();
+                    let mut pad_f = floats.clone();
+                    for t in 0..rows.saturating_sub(1) {
+                        for e in t * stride + 2 * c0 * n1..(t + 1) * stride {
+                            pad_i[e] = i32::MAX;
+                            pad_f[e] = f32::NAN;
+                        }
+                    }
+                    let fresh = || vec![vec![0x11u8; 16 * c0]; n1];
+                    let run_i = |f: TileFn<i32>, src: &[i32]| {
+                        let mut a = fresh();
+                        let mut t: Vec<&mut [u8]> = a.iter_mut().map(|v| v.as_mut_slice()).collect();
+                        let flag = f(src, stride, rows, c0, &mut t) != 0;
+                        (flag, a)
+                    };
+                    let run_f = |f: TileFn<f32>, src: &[f32]| {
+                        let mut a = fresh();
+                        let mut t: Vec<&mut [u8]> = a.iter_mut().map(|v| v.as_mut_slice()).collect();
+                        let flag = f(src, stride, rows, c0, &mut t) != 0;
+                        (flag, a)
+                    };
+                    let plain_i =
+                        [run_i(pack_tiles_plain::<i32, false>, &ints), run_i(pack_tiles_plain::<i32, true>, &ints)];
+                    let plain_f =
+                        [run_f(pack_tiles_plain::<f32, false>, &floats), run_f(pack_tiles_plain::<f32, true>, &floats)];
+                    assert!(!plain_i[0].0 && !plain_f[0].0);
+                    assert_eq!(plain_i[1].0, n1 > 1 && rows > 1);
+                    assert_eq!(plain_f[1].0, n1 > 1 && rows > 1);
+                    // The plain tiles are the ND pack of each row's pieces.
+                    for j in 0..n1 {
+                        for t in 0..rows {
+                            let s = t * stride + 2 * c0 * j;
+                            let expect = reference::pack_int4(&ints[s..s + 2 * c0]);
+                            assert_eq!(plain_i[0].1[j][t * c0..(t + 1) * c0], expect[..]);
+                        }
+                        assert!(plain_i[0].1[j][rows * c0..].iter().all(|&b| b == 0x11));
+                    }
+                    let ctx = format!("c0 {c0} n1 {n1} rows {rows}");
+                    // Checked: same flag; same bytes unless a bad element was seen (unspecified).
+                    let same = |a: &(bool, Vec<Vec<u8>>), b: &(bool, Vec<Vec<u8>>)| a.0 == b.0 && (a.0 || a.1 == b.1);
+                    for &(ui, ci, uf, cf) in &tiles_fns {
+                        assert_eq!(run_i(ui, &ints), plain_i[0], "int {ctx}");
+                        assert_eq!(run_i(ui, &pad_i), plain_i[0], "int, padded stride {ctx}");
+                        assert!(same(&run_i(ci, &ints), &plain_i[1]), "int checked {ctx}");
+                        assert!(same(&run_i(ci, &pad_i), &plain_i[1]), "int checked, padded stride {ctx}");
+                        assert_eq!(run_f(uf, &floats), plain_f[0], "fp4 {ctx}");
+                        assert!(same(&run_f(cf, &floats), &plain_f[1]), "fp4 checked {ctx}");
+                        assert!(same(&run_f(cf, &pad_f), &plain_f[1]), "fp4 checked, padded stride {ctx}");
                     }
                 }
             }
@@ -1464,8 +1573,44 @@ mod tests {
     }
 
     #[test]
+    fn fused_nz_every_c0_with_bad_values() {
+        // Fused NZ (whatever path is selected) against pack + nd_to_nz for many c0 and shapes,
+        // and a bad value in each of several places reported at its element index.
+        for c0 in 1..=40 {
+            for (rows, row_bytes) in [(1, 1), (17, 3 * c0), (16, 2 * c0 + 1), (33, c0 + 5)] {
+                let g = geom(1 + c0 % 2, rows, row_bytes, c0);
+                let src = in_range_i32(2 * g.nd_bytes(), c0 as u64);
+                let packed = reference::pack_int4(&src);
+                let mut fused = vec![0xEEu8; g.total_bytes()];
+                pack_int4_nz_checked(&src, g, &mut fused).unwrap();
+                assert_eq!(fused, reference::nd_to_nz(&packed, g, GroupOffset::Padded), "c0 {c0}");
+                let fsrc = in_range_f32(2 * g.nd_bytes(), c0 as u64);
+                let mut nd = vec![0u8; g.nd_bytes()];
+                pack_fp4(&fsrc, &mut nd).unwrap();
+                pack_fp4_nz_checked(&fsrc, g, &mut fused).unwrap();
+                assert_eq!(fused, reference::nd_to_nz(&nd, g, GroupOffset::Padded), "fp4 c0 {c0}");
+                let n = src.len();
+                for pos in [0, 1, n / 3, n / 2 + 1, n - 1].into_iter().filter(|&p| p < n) {
+                    let mut bad = src.clone();
+                    bad[pos] = -9;
+                    assert_eq!(
+                        pack_int4_nz_checked(&bad, g, &mut fused),
+                        Err(PackError::OutOfRange { index: pos, value: -9 })
+                    );
+                    let mut badf = fsrc.clone();
+                    badf[pos] = 7.0;
+                    assert_eq!(
+                        pack_fp4_nz_checked(&badf, g, &mut fused),
+                        Err(PackError::FloatOutOfRange { index: pos, value: 7.0 })
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn simd_path_name() {
-        assert!(["avx2", "plain"].contains(&simd_path()));
+        assert!(["avx512", "avx2", "plain"].contains(&simd_path()));
     }
 
     // --- properties ------------------------------------------------------------------------

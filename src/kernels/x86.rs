@@ -1,56 +1,368 @@
-//! AVX2 packers for x86-64, selected at run time by [`int_runner`] / [`fp4_runner`].
+//! SIMD packers for x86-64: an AVX-512 path (F + BW + VBMI) and an AVX2 path, selected at run
+//! time by [`best`] and the `*_runner` functions.
 //!
-//! Each packer takes a run of 32-bit elements and writes two 4-bit codes per byte, exactly like
-//! the plain path (`super::pack_run_plain`), which also handles the tail of fewer than 16
-//! elements. The codes are computed in 32-bit lanes; `c | c >> 28` in each 64-bit lane puts
-//! `code(e0) | code(e1) << 4` into the lane's low byte, and one `vpshufb` per vector gathers those
-//! bytes into place (the benchmark in `examples/bench_pack.rs` shows this path at about 1.1x
-//! the single-thread read floor, against 1.3-1.6x for the auto-vectorised SSE2 code).
+//! Each packer takes a run of 32-bit elements (or whole FRACTAL_NZ tiles, see [`Job`]) and
+//! writes two 4-bit codes per byte, exactly like the plain path (`super::pack_run_plain`):
+//!
+//! * FP4 and unchecked AVX-512 INT4: codes in 32-bit lanes; a bit select (`vpternlogq`) of `c`
+//!   and `c >> 28` (AVX2: `c | c >> 28`) forms each pair's byte in the low byte of its 64-bit
+//!   lane, and `vpermt2b` (AVX2: `vpshufb`) gathers those bytes; the codes need no masking
+//!   first on AVX-512 (higher bits are ignored).
+//! * Checked INT4 (both levels) and unchecked AVX2 INT4: `vpackssdw` + `vpacksswb` turn four
+//!   vectors into one byte per element. Signed saturation keeps [-8, 7] and moves every other
+//!   value outside it, so one `add` + `or` per 64 (AVX2: 32) elements is the whole range check;
+//!   the nibble pairs are then joined per 16-bit word (`vpternlogq` / `vpmaddubsw`) and put in
+//!   order with one `vpermb` (AVX2: `vpshufb` + OR of the halves). On a range error the output
+//!   is unspecified (the callers report the error). Unchecked AVX2 masks to the codes first.
+//! * Tails: masked loads (AVX-512), the plain path below 16 elements (AVX2).
+//! * Tiles whose rows are whole SIMD blocks (`c0` a multiple of 32 bytes for AVX-512, 16 for
+//!   AVX2; A2/A3 use 32) are walked with pointer arithmetic after one bounds check per call;
+//!   others piece by piece through [`tile_pairs`].
 
 use std::arch::x86_64::*;
 
-use super::{RowFn, RunFn, pack_run_plain, row_pairs};
+use super::{RunFn, TileFn, pack_run_plain, tile_pairs};
 
-/// The AVX2 packer for INT32 elements, if the CPU has AVX2.
-pub(super) fn int_runner<const CHECK: bool>() -> Option<RunFn<i32>> {
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: the closure is created only on this branch, after AVX2 was detected at run
-        // time, and the function pointer never leaves the kernels module's dispatch.
-        Some(|s, d| unsafe { pack_i32_avx2::<CHECK>(std::iter::once((s, d))) })
-    } else {
-        None
+/// A SIMD instruction set level with packers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Level {
+    /// AVX-512 F + BW + VBMI (Ice Lake, Sapphire Rapids, Zen 4 and later).
+    Avx512,
+    /// AVX2 (Haswell, Zen 1 and later).
+    Avx2,
+}
+
+impl Level {
+    /// Every level, best first.
+    pub(super) const ALL: [Level; 2] = [Level::Avx512, Level::Avx2];
+
+    /// Name reported by `super::simd_path`.
+    pub(super) const fn name(self) -> &'static str {
+        match self {
+            Level::Avx512 => "avx512",
+            Level::Avx2 => "avx2",
+        }
+    }
+
+    /// True if this CPU supports the level (run-time detection, cached by std).
+    pub(super) fn detected(self) -> bool {
+        match self {
+            Level::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vbmi")
+            }
+            Level::Avx2 => is_x86_feature_detected!("avx2"),
+        }
     }
 }
 
-/// The AVX2 packer for FLOAT elements (FP4 E2M1 codes), if the CPU has AVX2.
-pub(super) fn fp4_runner<const CHECK: bool>() -> Option<RunFn<f32>> {
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: as in `int_runner`: created only after AVX2 was detected.
-        Some(|s, d| unsafe { pack_f32_avx2::<CHECK>(std::iter::once((s, d))) })
-    } else {
-        None
-    }
+/// The best detected level, not above `Level::Avx2` if `avx2_max`.
+pub(super) fn best(avx2_max: bool) -> Option<Level> {
+    Level::ALL.into_iter().find(|&l| !(avx2_max && l == Level::Avx512) && l.detected())
 }
 
-/// The AVX2 row packer for INT32 elements (see `super::RowFn`), if the CPU has AVX2.
-pub(super) fn int_row_runner<const CHECK: bool>() -> Option<RowFn<i32>> {
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: as in `int_runner`: created only after AVX2 was detected.
-        Some(|src, tiles, at, c0| unsafe { pack_i32_avx2::<CHECK>(row_pairs(src, tiles, at, c0)) })
-    } else {
-        None
+/// The INT32 packer of `level`, if the CPU supports it.
+pub(super) fn int_runner<const CHECK: bool>(level: Level) -> Option<RunFn<i32>> {
+    if !level.detected() {
+        return None;
     }
+    let f: RunFn<i32> = match level {
+        // SAFETY: the closure is created only after the level's features were detected at run
+        // time (above), and the function pointer never leaves the kernels module's dispatch.
+        Level::Avx512 => |s, d| unsafe { pack_i32_avx512::<CHECK>(Job::Run(s, d)) },
+        // SAFETY: as above (AVX2 detected).
+        Level::Avx2 => |s, d| unsafe { pack_i32_avx2::<CHECK>(Job::Run(s, d)) },
+    };
+    Some(f)
 }
 
-/// The AVX2 row packer for FLOAT elements (see `super::RowFn`), if the CPU has AVX2.
-pub(super) fn fp4_row_runner<const CHECK: bool>() -> Option<RowFn<f32>> {
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: as in `int_runner`: created only after AVX2 was detected.
-        Some(|src, tiles, at, c0| unsafe { pack_f32_avx2::<CHECK>(row_pairs(src, tiles, at, c0)) })
-    } else {
-        None
+/// The FLOAT (FP4 E2M1) packer of `level`, if the CPU supports it.
+pub(super) fn fp4_runner<const CHECK: bool>(level: Level) -> Option<RunFn<f32>> {
+    if !level.detected() {
+        return None;
     }
+    let f: RunFn<f32> = match level {
+        // SAFETY: as in `int_runner`: created only after the level was detected.
+        Level::Avx512 => |s, d| unsafe { pack_f32_avx512::<CHECK>(Job::Run(s, d)) },
+        // SAFETY: as in `int_runner`.
+        Level::Avx2 => |s, d| unsafe { pack_f32_avx2::<CHECK>(Job::Run(s, d)) },
+    };
+    Some(f)
 }
+
+/// The INT32 tile packer (see `super::TileFn`) of `level`, if the CPU supports it.
+pub(super) fn int_tile_runner<const CHECK: bool>(level: Level) -> Option<TileFn<i32>> {
+    if !level.detected() {
+        return None;
+    }
+    let f: TileFn<i32> = match level {
+        Level::Avx512 => |src, stride, rows, c0, tiles| {
+            // SAFETY: as in `int_runner`: created only after the level was detected.
+            unsafe { pack_i32_avx512::<CHECK>(Job::Tiles { src, stride, rows, c0, tiles }) }
+        },
+        Level::Avx2 => |src, stride, rows, c0, tiles| {
+            // SAFETY: as in `int_runner`.
+            unsafe { pack_i32_avx2::<CHECK>(Job::Tiles { src, stride, rows, c0, tiles }) }
+        },
+    };
+    Some(f)
+}
+
+/// The FLOAT tile packer (see `super::TileFn`) of `level`, if the CPU supports it.
+pub(super) fn fp4_tile_runner<const CHECK: bool>(level: Level) -> Option<TileFn<f32>> {
+    if !level.detected() {
+        return None;
+    }
+    let f: TileFn<f32> = match level {
+        Level::Avx512 => |src, stride, rows, c0, tiles| {
+            // SAFETY: as in `int_runner`: created only after the level was detected.
+            unsafe { pack_f32_avx512::<CHECK>(Job::Tiles { src, stride, rows, c0, tiles }) }
+        },
+        Level::Avx2 => |src, stride, rows, c0, tiles| {
+            // SAFETY: as in `int_runner`.
+            unsafe { pack_f32_avx2::<CHECK>(Job::Tiles { src, stride, rows, c0, tiles }) }
+        },
+    };
+    Some(f)
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512
+// ---------------------------------------------------------------------------------------------
+
+/// The work of one AVX-512 packer call.
+enum Job<'s, 't, 'a, T> {
+    /// A run: `src` (`2 * dst.len()` elements) into `dst` (a [`RunFn`] call).
+    Run(&'s [T], &'t mut [u8]),
+    /// Whole tiles (a [`TileFn`] call).
+    Tiles {
+        /// Source, row `t` of tile `j` at `t * stride + 2 * c0 * j`.
+        src: &'s [T],
+        /// Elements between source rows.
+        stride: usize,
+        /// Rows per tile.
+        rows: usize,
+        /// Bytes per tile row.
+        c0: usize,
+        /// The tiles.
+        tiles: &'t mut [&'a mut [u8]],
+    },
+}
+
+/// `vpermt2b` index that gathers byte 0 of each 64-bit lane of two vectors `a`, `b`: output
+/// bytes `16h..16h + 8` come from `a`'s lanes 0..8 and `16h + 8..16h + 16` from `b`'s, for every
+/// 16-byte group `h` (so the same index serves bytes 0..16 and 16..32).
+static GATHER512: [u8; 64] = {
+    let mut idx = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        let j = i % 16;
+        idx[i] = if j < 8 { 8 * j as u8 } else { 64 + 8 * (j as u8 - 8) };
+        i += 1;
+    }
+    idx
+};
+
+/// `vpermb` index for [`pack_saturated`]: output byte `i` (elements `2i`, `2i + 1`) is the low
+/// byte of the 16-bit word holding element `e = 2i` after `vpackssdw` + `vpacksswb` of four
+/// vectors, at byte `16 (e % 16 / 4) + 4 (e / 16) + e % 4`. Bytes 32.. are unused.
+static SATURATED_ORDER: [u8; 64] = {
+    let mut idx = [0u8; 64];
+    let mut i = 0;
+    while i < 32 {
+        let e = 2 * i;
+        idx[i] = (16 * (e % 16 / 4) + 4 * (e / 16) + e % 4) as u8;
+        i += 1;
+    }
+    idx
+};
+
+/// Packs 64 codes, given as the low nibbles of the 32-bit lanes of `c` (higher bits are
+/// ignored), into 32 bytes: a bit select of `c` and `c >> 28` forms each pair's byte in the low
+/// byte of its 64-bit lane, two `vpermt2b` (index [`GATHER512`] in `gather`) and a blend gather
+/// them.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+fn pack_codes(c: [__m512i; 4], gather: __m512i) -> __m256i {
+    let low_nibbles = _mm512_set1_epi8(0x0F);
+    let pair = |c: __m512i| _mm512_ternarylogic_epi64::<0xCA>(low_nibbles, c, _mm512_srli_epi64::<28>(c));
+    let lo = _mm512_permutex2var_epi8(pair(c[0]), gather, pair(c[1]));
+    let hi = _mm512_permutex2var_epi8(pair(c[2]), gather, pair(c[3]));
+    _mm512_castsi512_si256(_mm512_mask_blend_epi8(0xFFFF_0000, lo, hi))
+}
+
+/// The checked INT32 block: 64 elements saturated to bytes (`vpackssdw`, `vpacksswb`, which keep
+/// [-8, 7] and move every other value outside it) serve both the range check (`q + 8` OR-ed into
+/// `acc8`, bad if any byte of it is above 15) and the packing (a bit select of each 16-bit word
+/// and the word `>> 4`, then one `vpermb` with `order` = [`SATURATED_ORDER`]). For in-range
+/// inputs the bytes equal the unchecked ones; otherwise the caller reports an error.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+fn pack_saturated(v: [__m512i; 4], order: __m512i, acc8: &mut __m512i) -> __m256i {
+    let q = _mm512_packs_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3]));
+    *acc8 = _mm512_or_si512(*acc8, _mm512_add_epi8(q, _mm512_set1_epi8(8)));
+    let t = _mm512_ternarylogic_epi64::<0xCA>(_mm512_set1_epi8(0x0F), q, _mm512_srli_epi16::<4>(q));
+    _mm512_castsi512_si256(_mm512_permutexvar_epi8(order, t))
+}
+
+/// Expands, inside an AVX-512 (F + BW + VBMI) function, to the code that runs a [`Job`]. Blocks
+/// of 64 elements (32 bytes) go through `$block(vectors, &mut acc, &mut acc8)`; tails, up to 16
+/// elements at a time with masked loads, through `$codes(v, &mut acc)`, which returns a vector
+/// whose 32-bit lanes hold the codes in their low nibble (higher bits are ignored) and folds the
+/// lanes' range check into `acc`. `$is_bad(acc, acc8)` tells if any element was bad. Tiles whose
+/// rows are whole blocks (`c0 % 32 == 0`, e.g. 32 on A2/A3) are walked with pointer arithmetic
+/// after one bounds check per call; other tiles piece by piece like runs. Evaluates to the
+/// packer's flag.
+macro_rules! pack_avx512 {
+    ($t:ty, $check:expr, $job:expr, $codes:expr, $block:expr, $is_bad:expr) => {{
+        let codes = $codes;
+        let block = $block;
+        let low_nibbles = _mm512_set1_epi8(0x0F);
+        // Low byte of each 64-bit lane: low nibble of `c`, then low nibble of `c >> 32`.
+        let pair_bytes = |c: __m512i| _mm512_ternarylogic_epi64::<0xCA>(low_nibbles, c, _mm512_srli_epi64::<28>(c));
+        let mut acc = _mm512_setzero_si512();
+        let mut acc8 = _mm512_setzero_si512();
+        // 64 elements from `p` to 32 bytes; the caller guarantees that they are readable.
+        let block64 = |p: *const $t, acc: &mut __m512i, acc8: &mut __m512i| {
+            // SAFETY: the 64 elements (4 x 64 bytes) from `p` are readable (caller); unaligned
+            // loads have no alignment requirement.
+            let v = unsafe {
+                [
+                    _mm512_loadu_si512(p.cast()),
+                    _mm512_loadu_si512(p.add(16).cast()),
+                    _mm512_loadu_si512(p.add(32).cast()),
+                    _mm512_loadu_si512(p.add(48).cast()),
+                ]
+            };
+            block(v, acc, acc8)
+        };
+        let piece = |src: &[$t], dst: &mut [u8], acc: &mut __m512i, acc8: &mut __m512i| {
+            assert_eq!(src.len(), 2 * dst.len());
+            let mut s64 = src.chunks_exact(64);
+            let mut d32 = dst.chunks_exact_mut(32);
+            for (s, d) in (&mut s64).zip(&mut d32) {
+                // `s` is 64 elements.
+                let out = block64(s.as_ptr(), acc, acc8);
+                // SAFETY: `d` is 32 writable bytes; the unaligned store has no alignment
+                // requirement.
+                unsafe { _mm256_storeu_si256(d.as_mut_ptr().cast(), out) };
+            }
+            let (s, d) = (s64.remainder(), d32.into_remainder());
+            for (s, d) in s.chunks(16).zip(d.chunks_mut(8)) {
+                // `s.len() == 2 * d.len()` (from the assertion above), at most 16 elements.
+                let lanes = ((1u32 << s.len()) - 1) as u16;
+                // SAFETY: the mask selects exactly the first `s.len()` 32-bit lanes, which lie
+                // in `s`; masked-off lanes are not accessed (and read as zero, a valid element).
+                let v = unsafe { _mm512_maskz_loadu_epi32(lanes, s.as_ptr().cast()) };
+                let bytes = _mm512_cvtepi64_epi8(pair_bytes(codes(v, acc)));
+                let mut buf = [0u8; 16];
+                // SAFETY: `buf` is 16 writable bytes; the unaligned store has no alignment
+                // requirement.
+                unsafe { _mm_storeu_si128(buf.as_mut_ptr().cast(), bytes) };
+                d.copy_from_slice(&buf[..d.len()]);
+            }
+        };
+        match $job {
+            Job::Run(src, dst) => piece(src, dst, &mut acc, &mut acc8),
+            Job::Tiles { src, stride, rows, c0, tiles } if c0.is_multiple_of(32) => {
+                let n = tiles.len();
+                if rows > 0 && n > 0 {
+                    let need = (rows - 1).saturating_mul(stride).saturating_add(n.saturating_mul(2 * c0));
+                    assert!(src.len() >= need, "tile source too short");
+                }
+                for (j, tile) in tiles.iter_mut().enumerate() {
+                    assert!(tile.len() >= rows * c0, "tile too short");
+                    let d = tile.as_mut_ptr();
+                    for t in 0..rows {
+                        for b in 0..c0 / 32 {
+                            // SAFETY: elements `t * stride + 2 c0 j + 64 b ..+ 64` end at most at
+                            // `(rows - 1) * stride + 2 c0 n <= src.len()` (asserted above).
+                            let s = unsafe { src.as_ptr().add(t * stride + 2 * c0 * j + 64 * b) };
+                            let out = block64(s, &mut acc, &mut acc8);
+                            // SAFETY: bytes `t c0 + 32 b ..+ 32` lie within the first `rows * c0`
+                            // bytes of the tile (asserted above); the store is unaligned.
+                            unsafe { _mm256_storeu_si256(d.add(t * c0 + 32 * b).cast(), out) };
+                        }
+                    }
+                }
+            }
+            Job::Tiles { src, stride, rows, c0, tiles } => {
+                for (s, d) in tile_pairs(src, stride, rows, c0, tiles) {
+                    piece(s, d, &mut acc, &mut acc8);
+                }
+            }
+        }
+        if $check { u32::from($is_bad(acc, acc8)) } else { 0 }
+    }};
+}
+
+/// AVX-512 INT32 packer: code = low nibble of `v`; bad if `v + 8` has bits above the low nibble.
+/// Blocks of 64 use [`pack_codes`] unchecked and [`pack_saturated`] checked.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VBMI. Panics if a slice of `job` is too short.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn pack_i32_avx512<const CHECK: bool>(job: Job<'_, '_, '_, i32>) -> u32 {
+    let eight = _mm512_set1_epi32(8);
+    let high = _mm512_set1_epi32(!0xF);
+    let codes = |v: __m512i, acc: &mut __m512i| {
+        if CHECK {
+            *acc = _mm512_or_si512(*acc, _mm512_add_epi32(v, eight));
+        }
+        v
+    };
+    // SAFETY: both tables are 64 readable bytes; unaligned loads have no alignment requirement.
+    let (gather, order) =
+        unsafe { (_mm512_loadu_si512(GATHER512.as_ptr().cast()), _mm512_loadu_si512(SATURATED_ORDER.as_ptr().cast())) };
+    let block = |v: [__m512i; 4], _: &mut __m512i, acc8: &mut __m512i| {
+        if CHECK { pack_saturated(v, order, acc8) } else { pack_codes(v, gather) }
+    };
+    let is_bad = |acc: __m512i, acc8: __m512i| {
+        _mm512_test_epi32_mask(acc, high) != 0 || _mm512_test_epi8_mask(acc8, _mm512_set1_epi8(-16)) != 0
+    };
+    pack_avx512!(i32, CHECK, job, codes, block, is_bad)
+}
+
+/// AVX-512 FP4 packer, the lane-wise form of `super::fp4_code` (see `pack_f32_avx2`) with mask
+/// registers for the hit / keep-sign conditions. Bad if `|bits| > 6.0` (covers NaN and
+/// infinities), tracked as the running unsigned maximum of `|bits|`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VBMI. Panics if a slice of `job` is too short.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn pack_f32_avx512<const CHECK: bool>(job: Job<'_, '_, '_, f32>) -> u32 {
+    let k1ff = _mm512_set1_epi32(0x1FF);
+    let kfc = _mm512_set1_epi32(0xFC);
+    let one = _mm512_set1_epi32(1);
+    let seven = _mm512_set1_epi32(7);
+    let eight = _mm512_set1_epi32(8);
+    let abs = _mm512_set1_epi32(0x7FFF_FFFF);
+    let max = _mm512_set1_epi32(super::FP4_MAX_ABS_BITS as i32);
+    let codes = |b: __m512i, acc: &mut __m512i| {
+        if CHECK {
+            *acc = _mm512_max_epu32(*acc, _mm512_and_si512(b, abs));
+        }
+        let key = _mm512_and_si512(_mm512_srli_epi32::<22>(b), k1ff);
+        let d = _mm512_sub_epi32(key, kfc);
+        let hit = _mm512_mask_cmpneq_epu32_mask(_mm512_cmple_epu32_mask(d, seven), d, one);
+        let mag = _mm512_maskz_max_epu32(hit, d, one);
+        let keep = hit | _mm512_testn_epi32_mask(key, key);
+        let sign = _mm512_and_si512(_mm512_srli_epi32::<28>(b), eight);
+        _mm512_mask_or_epi32(mag, keep, mag, sign)
+    };
+    // SAFETY: `GATHER512` is 64 readable bytes; the unaligned load has no alignment requirement.
+    let gather = unsafe { _mm512_loadu_si512(GATHER512.as_ptr().cast()) };
+    let block = |v: [__m512i; 4], acc: &mut __m512i, _: &mut __m512i| {
+        pack_codes([codes(v[0], acc), codes(v[1], acc), codes(v[2], acc), codes(v[3], acc)], gather)
+    };
+    let is_bad = |acc: __m512i, _: __m512i| _mm512_cmpgt_epu32_mask(acc, max) != 0;
+    pack_avx512!(f32, CHECK, job, codes, block, is_bad)
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2
+// ---------------------------------------------------------------------------------------------
 
 /// `vpshufb` control that moves the low bytes of the four 64-bit lanes of vector `k` (of four)
 /// to output bytes `4k..4k + 4` (lane 0 gives bytes 4k, 4k+1; lane 1 gives 4k+2, 4k+3 of its own
@@ -71,46 +383,104 @@ fn gather_control(k: usize) -> __m256i {
     unsafe { _mm256_loadu_si256(CONTROL[k].as_ptr().cast()) }
 }
 
-/// Expands, inside an AVX2 function, to the loop that packs `$src` into `$dst`: 32 elements to
-/// 16 bytes at a time, then 16 to 8, then the plain tail. `$codes(v, &mut acc)` returns the code
-/// vector (values 0..=15 in 32-bit lanes) and ORs its "bad" bits into `acc`; `$is_bad(acc)`
-/// tells if any was bad. Evaluates to the packer's flag.
+/// Packs 32 codes (values 0..=15 in the 32-bit lanes of `c`) into 16 bytes: `c | c >> 28` per
+/// 64-bit lane and one `vpshufb` per vector (controls `ctl` from [`gather_control`]).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn gather_codes_avx2(c: [__m256i; 4], ctl: &[__m256i; 4]) -> __m128i {
+    let mut out = _mm256_setzero_si256();
+    for (code, k) in c.into_iter().zip(ctl) {
+        let w = _mm256_or_si256(code, _mm256_srli_epi64::<28>(code));
+        out = _mm256_or_si256(out, _mm256_shuffle_epi8(w, *k));
+    }
+    _mm_or_si128(_mm256_castsi256_si128(out), _mm256_extracti128_si256::<1>(out))
+}
+
+/// `vpshufb` control for [`pack_words_avx2`]: in 128-bit lane `L`, output byte `p` (pair `p`,
+/// element `e = 2p`) takes the low byte of the word holding the pair if that word is in lane `L`
+/// (else 0x80, zero). After `vpackssdw` / `vpacksswb` of four vectors, element `e` sits in lane
+/// `e % 8 / 4` at byte `8 (e / 16) + 4 (e / 8 % 2) + e % 4`.
+static WORDS_CONTROL: [i8; 32] = {
+    let mut c = [-128i8; 32];
+    let mut p = 0;
+    while p < 16 {
+        let e = 2 * p;
+        let lane = e % 8 / 4;
+        c[16 * lane + p] = (8 * (e / 16) + 4 * (e / 8 % 2) + e % 4) as i8;
+        p += 1;
+    }
+    c
+};
+
+/// Packs 32 elements whose 32-bit lanes are in `v` (values that fit the signed saturation, e.g.
+/// codes 0..=15 or checked INT4 values) into 16 bytes of low-nibble pairs: `vpackssdw` x 2 and
+/// `vpacksswb` give one byte per element (lane-interleaved), the range check (if `CHECK`) ORs
+/// `byte + 8` into `acc8` (bad if any byte of it exceeds 15: saturation keeps [-8, 7] and moves
+/// every other value outside it), `vpmaddubsw` with (1, 16) joins each pair's nibbles into one
+/// word, and one `vpshufb` plus an OR of the 128-bit halves puts the bytes in order.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn pack_words_avx2<const CHECK: bool>(v: [__m256i; 4], control: __m256i, acc8: &mut __m256i) -> __m128i {
+    let q = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    if CHECK {
+        *acc8 = _mm256_or_si256(*acc8, _mm256_add_epi8(q, _mm256_set1_epi8(8)));
+    }
+    let nibbles = _mm256_and_si256(q, _mm256_set1_epi8(0x0F));
+    let words = _mm256_maddubs_epi16(nibbles, _mm256_set1_epi16(0x1001));
+    let bytes = _mm256_shuffle_epi8(words, control);
+    _mm_or_si128(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256::<1>(bytes))
+}
+
+/// Expands, inside an AVX2 function, to the code that runs a [`Job`]: 32 elements to 16 bytes
+/// at a time with `$block(vectors, &mut acc, &mut acc8)`, then 16 to 8, then the plain tail.
+/// `$codes(v, &mut acc)` returns the code vector (values 0..=15 in 32-bit lanes) and ORs its
+/// "bad" bits into `acc`; `$is_bad(acc, acc8)` tells if any was bad. Tiles whose rows are whole blocks (`c0 % 16 == 0`) are walked with pointer
+/// arithmetic after one bounds check per call, other tiles piece by piece. Evaluates to the
+/// packer's flag.
 macro_rules! pack_avx2 {
-    ($t:ty, $check:expr, $pairs:expr, $codes:expr, $is_bad:expr) => {{
+    ($t:ty, $check:expr, $job:expr, $codes:expr, $block:expr, $is_bad:expr) => {{
         let codes = $codes;
+        let block = $block;
         let ctl = [gather_control(0), gather_control(1), gather_control(2), gather_control(3)];
         let mut acc = _mm256_setzero_si256();
+        let mut acc8 = _mm256_setzero_si256();
         let mut tail = 0u32;
+        // 32 elements from `p` to 16 bytes; the caller guarantees that they are readable.
+        let block32 = |p: *const $t, acc: &mut __m256i, acc8: &mut __m256i| {
+            // SAFETY: the 32 elements (4 x 32 bytes) from `p` are readable (caller); unaligned
+            // loads have no alignment requirement.
+            let v = unsafe {
+                [
+                    _mm256_loadu_si256(p.cast()),
+                    _mm256_loadu_si256(p.add(8).cast()),
+                    _mm256_loadu_si256(p.add(16).cast()),
+                    _mm256_loadu_si256(p.add(24).cast()),
+                ]
+            };
+            block(v, acc, acc8)
+        };
         let load = |s: &[$t], k: usize| {
             assert!(s.len() >= 8 * (k + 1));
             // SAFETY: `s` holds at least 8 * (k + 1) 32-bit elements (asserted), so the 32 bytes
             // from element 8k are readable; the unaligned load has no alignment requirement.
             unsafe { _mm256_loadu_si256(s.as_ptr().add(8 * k).cast()) }
         };
-        for (src, dst) in $pairs {
-            let (src, dst): (&[$t], &mut [u8]) = (src, dst);
+        let mut piece = |src: &[$t], dst: &mut [u8], acc: &mut __m256i, acc8: &mut __m256i| {
             debug_assert_eq!(src.len(), 2 * dst.len());
             let mut s32 = src.chunks_exact(32);
             let mut d16 = dst.chunks_exact_mut(16);
             for (s, d) in (&mut s32).zip(&mut d16) {
-                let mut out = _mm256_setzero_si256();
-                for (k, c) in ctl.iter().enumerate() {
-                    let code = codes(load(s, k), &mut acc);
-                    let w = _mm256_or_si256(code, _mm256_srli_epi64::<28>(code));
-                    out = _mm256_or_si256(out, _mm256_shuffle_epi8(w, *c));
-                }
-                let r = _mm_or_si128(_mm256_castsi256_si128(out), _mm256_extracti128_si256::<1>(out));
-                let mut bytes = [0u8; 16];
-                // SAFETY: `bytes` is 16 writable bytes; the unaligned store has no alignment
+                // `s` is 32 elements.
+                let r = block32(s.as_ptr(), acc, acc8);
+                // SAFETY: `d` is 16 writable bytes; the unaligned store has no alignment
                 // requirement.
-                unsafe { _mm_storeu_si128(bytes.as_mut_ptr().cast(), r) };
-                d.copy_from_slice(&bytes);
+                unsafe { _mm_storeu_si128(d.as_mut_ptr().cast(), r) };
             }
             let (mut src, mut dst) = (s32.remainder(), d16.into_remainder());
             if src.len() >= 16 {
                 let mut out = _mm256_setzero_si256();
                 for (k, c) in ctl.iter().take(2).enumerate() {
-                    let code = codes(load(src, k), &mut acc);
+                    let code = codes(load(src, k), acc);
                     let w = _mm256_or_si256(code, _mm256_srli_epi64::<28>(code));
                     out = _mm256_or_si256(out, _mm256_shuffle_epi8(w, *c));
                 }
@@ -121,17 +491,48 @@ macro_rules! pack_avx2 {
                 dst = &mut dst[8..];
             }
             tail |= pack_run_plain::<$t, $check>(src, dst);
+        };
+        match $job {
+            Job::Run(src, dst) => piece(src, dst, &mut acc, &mut acc8),
+            Job::Tiles { src, stride, rows, c0, tiles } if c0.is_multiple_of(16) => {
+                let n = tiles.len();
+                if rows > 0 && n > 0 {
+                    let need = (rows - 1).saturating_mul(stride).saturating_add(n.saturating_mul(2 * c0));
+                    assert!(src.len() >= need, "tile source too short");
+                }
+                for (j, tile) in tiles.iter_mut().enumerate() {
+                    assert!(tile.len() >= rows * c0, "tile too short");
+                    let d = tile.as_mut_ptr();
+                    for t in 0..rows {
+                        for b in 0..c0 / 16 {
+                            // SAFETY: elements `t * stride + 2 c0 j + 32 b ..+ 32` end at most at
+                            // `(rows - 1) * stride + 2 c0 n <= src.len()` (asserted above).
+                            let s = unsafe { src.as_ptr().add(t * stride + 2 * c0 * j + 32 * b) };
+                            let r = block32(s, &mut acc, &mut acc8);
+                            // SAFETY: bytes `t c0 + 16 b ..+ 16` lie within the first `rows * c0`
+                            // bytes of the tile (asserted above); the store is unaligned.
+                            unsafe { _mm_storeu_si128(d.add(t * c0 + 16 * b).cast(), r) };
+                        }
+                    }
+                }
+            }
+            Job::Tiles { src, stride, rows, c0, tiles } => {
+                for (s, d) in tile_pairs(src, stride, rows, c0, tiles) {
+                    piece(s, d, &mut acc, &mut acc8);
+                }
+            }
         }
-        if $check { u32::from($is_bad(acc)) | tail } else { 0 }
+        if $check { u32::from($is_bad(acc, acc8)) | tail } else { 0 }
     }};
 }
 
-/// AVX2 INT32 packer: code = `v & 0xF`; bad if `v + 8` has bits above the low nibble.
+/// AVX2 INT32 packer: code = `v & 0xF`; bad if `v + 8` has bits above the low nibble. Blocks of
+/// 32 go through [`pack_words_avx2`] (masked first unless checked).
 ///
 /// # Safety
-/// The CPU must support AVX2. Requires `src.len() == 2 * dst.len()` for full output.
+/// The CPU must support AVX2. Panics if a slice of `job` is too short.
 #[target_feature(enable = "avx2")]
-unsafe fn pack_i32_avx2<'a, const CHECK: bool>(pairs: impl Iterator<Item = (&'a [i32], &'a mut [u8])>) -> u32 {
+unsafe fn pack_i32_avx2<const CHECK: bool>(job: Job<'_, '_, '_, i32>) -> u32 {
     let mask = _mm256_set1_epi32(0xF);
     let eight = _mm256_set1_epi32(8);
     let high = _mm256_set1_epi32(!0xF);
@@ -141,8 +542,27 @@ unsafe fn pack_i32_avx2<'a, const CHECK: bool>(pairs: impl Iterator<Item = (&'a 
         }
         _mm256_and_si256(v, mask)
     };
-    let is_bad = |acc: __m256i| _mm256_testz_si256(acc, high) == 0;
-    pack_avx2!(i32, CHECK, pairs, codes, is_bad)
+    // SAFETY: `WORDS_CONTROL` is 32 readable bytes; the unaligned load has no alignment
+    // requirement.
+    let control = unsafe { _mm256_loadu_si256(WORDS_CONTROL.as_ptr().cast()) };
+    // Unchecked: mask to the codes first (so nothing saturates); checked: saturate the values.
+    let block = |v: [__m256i; 4], _: &mut __m256i, acc8: &mut __m256i| {
+        if CHECK {
+            pack_words_avx2::<true>(v, control, acc8)
+        } else {
+            let c = [
+                _mm256_and_si256(v[0], mask),
+                _mm256_and_si256(v[1], mask),
+                _mm256_and_si256(v[2], mask),
+                _mm256_and_si256(v[3], mask),
+            ];
+            pack_words_avx2::<false>(c, control, acc8)
+        }
+    };
+    let is_bad = |acc: __m256i, acc8: __m256i| {
+        _mm256_testz_si256(acc, high) == 0 || _mm256_testz_si256(acc8, _mm256_set1_epi8(-16)) == 0
+    };
+    pack_avx2!(i32, CHECK, job, codes, block, is_bad)
 }
 
 /// AVX2 FP4 packer, the lane-wise form of `super::fp4_code`: with `key = bits >> 22 & 0x1FF`
@@ -150,9 +570,9 @@ unsafe fn pack_i32_avx2<'a, const CHECK: bool>(pairs: impl Iterator<Item = (&'a 
 /// is kept for hits and for `key == 0`. Bad if `|bits| > 6.0` (covers NaN and infinities).
 ///
 /// # Safety
-/// The CPU must support AVX2. Requires `src.len() == 2 * dst.len()` for full output.
+/// The CPU must support AVX2. Panics if a slice of `job` is too short.
 #[target_feature(enable = "avx2")]
-unsafe fn pack_f32_avx2<'a, const CHECK: bool>(pairs: impl Iterator<Item = (&'a [f32], &'a mut [u8])>) -> u32 {
+unsafe fn pack_f32_avx2<const CHECK: bool>(job: Job<'_, '_, '_, f32>) -> u32 {
     let k1ff = _mm256_set1_epi32(0x1FF);
     let kfc = _mm256_set1_epi32(0xFC);
     let one = _mm256_set1_epi32(1);
@@ -174,6 +594,10 @@ unsafe fn pack_f32_avx2<'a, const CHECK: bool>(pairs: impl Iterator<Item = (&'a 
         let sign = _mm256_and_si256(_mm256_srli_epi32::<28>(b), eight);
         _mm256_or_si256(mag, _mm256_and_si256(keep, sign))
     };
-    let is_bad = |acc: __m256i| _mm256_testz_si256(acc, acc) == 0;
-    pack_avx2!(f32, CHECK, pairs, codes, is_bad)
+    let ctl = [gather_control(0), gather_control(1), gather_control(2), gather_control(3)];
+    let block = |v: [__m256i; 4], acc: &mut __m256i, _: &mut __m256i| {
+        gather_codes_avx2([codes(v[0], acc), codes(v[1], acc), codes(v[2], acc), codes(v[3], acc)], &ctl)
+    };
+    let is_bad = |acc: __m256i, _: __m256i| _mm256_testz_si256(acc, acc) == 0;
+    pack_avx2!(f32, CHECK, job, codes, block, is_bad)
 }
