@@ -17,7 +17,6 @@ const MAX_RANK: u64 = 64;
 pub(crate) struct SimTensor {
     pub view: Vec<i64>,
     pub strides: Vec<i64>,
-    #[allow(dead_code)] // stored like nnopbase does; the operators here ignore it
     pub offset: i64,
     pub dtype: sys::aclDataType,
     pub format: sys::aclFormat,
