@@ -18,7 +18,7 @@ use crate::workspace::Workspace;
 ///
 /// * `x`: `(m, k)` FLOAT16 or BFLOAT16, contiguous or transposed (strides `(1, m)`).
 /// * `weight`: `(k, n)` INT4, or INT32 as produced by
-///   [`convert_weight_to_int4_pack`](crate::ops::int4pack::convert_weight_to_int4_pack)
+///   [`convert_weight_to_int4_pack`]
 ///   (`(k, n/8)`), ND or FRACTAL_NZ, plain or transposed
 ///   ([`PackedWeight::transposed_tensor`](crate::ops::int4pack::PackedWeight::transposed_tensor)); or INT8 ND.
 /// * `antiquant_scale` / `antiquant_offset`: dtype of `x`; shape `(1,)` per tensor, `(n,)` or
