@@ -166,6 +166,22 @@ mod simulator {
         unsafe { api.aclrtFree().unwrap()(p) }
     }
 
+    /// Queues a host-to-device copy of `src` on `stream`; `src` must outlive the synchronize.
+    fn upload_async(api: &sys::Api, dev: *mut c_void, src: &[u8], stream: sys::aclrtStream) -> i32 {
+        // SAFETY: `src` is valid for its length; the callers keep it alive until the stream is
+        // synchronized; the device side is checked by the simulator.
+        unsafe {
+            api.aclrtMemcpyAsync().unwrap()(
+                dev,
+                src.len(),
+                src.as_ptr().cast(),
+                src.len(),
+                sys::ACL_MEMCPY_HOST_TO_DEVICE,
+                stream,
+            )
+        }
+    }
+
     fn memcpy(api: &sys::Api, dst: *mut c_void, max: usize, src: *const c_void, n: usize, kind: u32) -> i32 {
         // SAFETY: host sides in these tests are valid for `n` bytes; device sides are checked.
         unsafe { api.aclrtMemcpy().unwrap()(dst, max, src, n, kind) }
@@ -257,17 +273,7 @@ mod simulator {
             let (code, dev) = raw_malloc(api, 16);
             assert_eq!(code, 0);
             let src = [7u8; 16];
-            // SAFETY: `src` outlives the synchronize below.
-            let code = unsafe {
-                api.aclrtMemcpyAsync().unwrap()(
-                    dev,
-                    16,
-                    src.as_ptr().cast(),
-                    16,
-                    sys::ACL_MEMCPY_HOST_TO_DEVICE,
-                    stream.raw(),
-                )
-            };
+            let code = upload_async(api, dev, &src, stream.raw());
             assert_eq!(code, 0);
             let mut out = [0u8; 16];
             assert_eq!(memcpy(api, out.as_mut_ptr().cast(), 16, dev, 16, sys::ACL_MEMCPY_DEVICE_TO_HOST), 0);
@@ -276,17 +282,7 @@ mod simulator {
             assert_eq!(memcpy(api, out.as_mut_ptr().cast(), 16, dev, 16, sys::ACL_MEMCPY_DEVICE_TO_HOST), 0);
             assert_eq!(out, src);
             // Freeing memory that queued work still uses is recorded as a violation.
-            // SAFETY: as above.
-            let code = unsafe {
-                api.aclrtMemcpyAsync().unwrap()(
-                    dev,
-                    16,
-                    src.as_ptr().cast(),
-                    16,
-                    sys::ACL_MEMCPY_HOST_TO_DEVICE,
-                    stream.raw(),
-                )
-            };
+            let code = upload_async(api, dev, &src, stream.raw());
             assert_eq!(code, 0);
             assert_eq!(raw_free(api, dev), 0);
             assert_eq!(stream.synchronize().unwrap_err().code(), Some(sys::ACL_ERROR_RT_DEVICE_MEM_ERROR));

@@ -445,15 +445,10 @@ pub fn pack_int4_on_host(
     shape: &[i64],
     options: PackOptions,
 ) -> Result<PackedWeight> {
-    let layout = PackLayout::new(shape, WeightKind::Int4, options, chip_family(stream)?)?;
-    check_len(weights.len(), &layout)?;
-    let mut bytes = vec![0u8; layout.bytes];
-    match layout.nz {
-        Some(geom) => kernels::pack_int4_nz_checked(weights, geom, &mut bytes),
-        None => kernels::pack_int4_checked(weights, &mut bytes),
-    }
-    .map_err(pack_error)?;
-    Ok(PackedWeight { buffer: DeviceBuffer::from_host(stream, &bytes)?, layout })
+    pack_on_host(stream, weights.len(), shape, WeightKind::Int4, options, |layout, bytes| match layout.nz {
+        Some(geom) => kernels::pack_int4_nz_checked(weights, geom, bytes),
+        None => kernels::pack_int4_checked(weights, bytes),
+    })
 }
 
 /// The host fast path for FP4 weights (`f32` values carrying E2M1 numbers): rejects non-finite
@@ -465,14 +460,26 @@ pub fn pack_fp4_on_host(
     shape: &[i64],
     options: PackOptions,
 ) -> Result<PackedWeight> {
-    let layout = PackLayout::new(shape, WeightKind::Fp4, options, chip_family(stream)?)?;
-    check_len(weights.len(), &layout)?;
+    pack_on_host(stream, weights.len(), shape, WeightKind::Fp4, options, |layout, bytes| match layout.nz {
+        Some(geom) => kernels::pack_fp4_nz_checked(weights, geom, bytes),
+        None => kernels::pack_fp4_checked(weights, bytes),
+    })
+}
+
+/// The host fast path shared by both weight kinds: plan the layout, check the value count, run
+/// the checked kernel into a host buffer, upload only the packed bytes.
+fn pack_on_host(
+    stream: &Arc<Stream>,
+    len: usize,
+    shape: &[i64],
+    kind: WeightKind,
+    options: PackOptions,
+    pack: impl FnOnce(&PackLayout, &mut [u8]) -> std::result::Result<(), PackError>,
+) -> Result<PackedWeight> {
+    let layout = PackLayout::new(shape, kind, options, chip_family(stream)?)?;
+    check_len(len, &layout)?;
     let mut bytes = vec![0u8; layout.bytes];
-    match layout.nz {
-        Some(geom) => kernels::pack_fp4_nz_checked(weights, geom, &mut bytes),
-        None => kernels::pack_fp4_checked(weights, &mut bytes),
-    }
-    .map_err(pack_error)?;
+    pack(&layout, &mut bytes).map_err(pack_error)?;
     Ok(PackedWeight { buffer: DeviceBuffer::from_host(stream, &bytes)?, layout })
 }
 
