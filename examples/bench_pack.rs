@@ -383,7 +383,7 @@ fn bench_size(k: usize, n: usize, runs: usize, flusher: &mut Flusher, one: &rayo
 fn traffic(k: usize, n: usize) -> Result<(), BoxError> {
     let weights = k * n;
     let ints = int_input(weights);
-    let runtime = Runtime::new(Backend::table("sim", aclnn::sim::install(aclnn::sim::SimConfig::default())?))?;
+    let runtime = Runtime::new(Backend::sim(aclnn::sim::SimConfig::default())?)?;
     let device = runtime.device(0)?;
     let stream = device.new_stream()?;
     let shape = [k as i64, n as i64];

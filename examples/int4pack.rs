@@ -289,9 +289,7 @@ fn select_backend(soc: Option<&str>) -> Result<Backend, Failure> {
 
 #[cfg(feature = "sim")]
 fn simulated_backend(soc: &str) -> Result<Backend, Failure> {
-    let table = aclnn::sim::install(aclnn::sim::SimConfig::with_soc(soc))
-        .map_err(|e| Failure::usage(format!("--soc `{soc}`: {e}")))?;
-    Ok(Backend::table("sim", table))
+    Backend::sim(aclnn::sim::SimConfig::with_soc(soc)).map_err(|e| Failure::usage(format!("--soc `{soc}`: {e}")))
 }
 
 #[cfg(not(feature = "sim"))]

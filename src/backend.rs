@@ -26,8 +26,7 @@ pub fn backend_from_env() -> Result<Backend> {
 
 #[cfg(feature = "sim")]
 fn sim_backend() -> Result<Backend> {
-    let table = crate::sim::install(crate::sim::SimConfig::default()).map_err(|e| Error::Backend(e.to_string()))?;
-    Ok(Backend::table("sim", table))
+    Backend::sim(crate::sim::SimConfig::default())
 }
 
 #[cfg(not(feature = "sim"))]

@@ -2,12 +2,12 @@
 
 use std::ffi::c_void;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use aclnn_sys::{self as sys, Api};
 
 use crate::error::{Result, check_runtime};
-use crate::runtime::Runtime;
+use crate::runtime::{Leak, Runtime};
 use crate::stream::Stream;
 
 /// Free and total device memory, in bytes.
@@ -28,7 +28,20 @@ pub struct Device {
     runtime: Runtime,
     id: u32,
     context: usize,
+    retired: Mutex<Retired>,
 }
+
+/// Events dropped while a record or a stream wait on them may still be pending.
+#[derive(Default)]
+struct Retired {
+    events: Vec<usize>,
+    /// Prune when this many are waiting (doubles with the backlog, so pruning stays O(1)
+    /// amortised per event).
+    next_prune: usize,
+}
+
+/// Smallest backlog of retired events that triggers a prune.
+const PRUNE_AT: usize = 32;
 
 // The context handle is an opaque token of the runtime, valid on any thread once made current.
 // SAFETY: no thread-affine state is held; every use re-binds the context on the calling thread.
@@ -53,7 +66,12 @@ impl Device {
             Ok(ctx)
         })();
         match created {
-            Ok(ctx) => Ok(Arc::new(Device { runtime, id, context: ctx as usize })),
+            Ok(ctx) => Ok(Arc::new(Device {
+                runtime,
+                id,
+                context: ctx as usize,
+                retired: Mutex::new(Retired { events: Vec::new(), next_prune: PRUNE_AT }),
+            })),
             Err(e) => {
                 reset(api, id_c);
                 Err(e)
@@ -113,7 +131,58 @@ impl Device {
         self.bind()?;
         let f = self.api().aclrtSynchronizeDevice()?;
         // SAFETY: no arguments.
-        check_runtime(self.api(), "aclrtSynchronizeDevice", unsafe { f() })
+        check_runtime(self.api(), "aclrtSynchronizeDevice", unsafe { f() })?;
+        self.prune_retired();
+        Ok(())
+    }
+
+    /// Destroys an event no queued work refers to; a failure is counted as a leak.
+    pub(crate) fn destroy_event_now(&self, raw: usize) {
+        let destroyed = self.bind().is_ok()
+            && self.api().aclrtDestroyEvent().is_ok_and(|f| {
+                // SAFETY: the event was created on this device, nothing refers to it any more,
+                // and it is destroyed exactly once (it leaves every list here).
+                unsafe { f(raw as *mut c_void) == sys::ACL_SUCCESS }
+            });
+        if !destroyed {
+            self.runtime.leaks().add(Leak::Event);
+        }
+    }
+
+    /// Takes an event whose record or stream waits may still be pending; it is destroyed once
+    /// ACL reports both done. Never blocks.
+    pub(crate) fn retire_event(&self, raw: usize) {
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired.events.push(raw);
+        if retired.events.len() >= retired.next_prune {
+            self.prune(&mut retired);
+        }
+    }
+
+    /// Destroys every retired event that has completed and whose waits have all passed.
+    pub(crate) fn prune_retired(&self) {
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        self.prune(&mut retired);
+    }
+
+    fn prune(&self, retired: &mut Retired) {
+        if !retired.events.is_empty() && self.bind().is_ok() {
+            let api = self.api();
+            let mut done = Vec::new();
+            retired.events.retain(|&raw| {
+                let event = raw as *mut c_void;
+                let idle = crate::event::query_complete(api, event).unwrap_or(false)
+                    && crate::event::waits_passed(api, event).unwrap_or(false);
+                if idle {
+                    done.push(raw);
+                }
+                !idle
+            });
+            for raw in done {
+                self.destroy_event_now(raw);
+            }
+        }
+        retired.next_prune = (retired.events.len() * 2).max(PRUNE_AT);
     }
 }
 
@@ -126,6 +195,27 @@ fn reset(api: &Api, id: i32) {
 
 impl Drop for Device {
     fn drop(&mut self) {
+        // Every stream of the device is gone (each holds an `Arc<Device>`), so no new work can
+        // refer to the retired events; wait for what may still be pending, then destroy them.
+        // An event whose wait fails is leaked, not destroyed under a pending wait.
+        let retired = std::mem::take(&mut self.retired.get_mut().unwrap_or_else(|e| e.into_inner()).events);
+        if !retired.is_empty() {
+            let bound = self.bind().is_ok();
+            for raw in retired {
+                let event = raw as *mut c_void;
+                let idle = bound
+                    && self.api().aclrtSynchronizeEvent().is_ok_and(|f| {
+                        // SAFETY: a live event of this device.
+                        unsafe { f(event) == sys::ACL_SUCCESS }
+                    })
+                    && crate::event::waits_passed(self.api(), event).unwrap_or(false);
+                if idle {
+                    self.destroy_event_now(raw);
+                } else {
+                    self.runtime.leaks().add(Leak::Event);
+                }
+            }
+        }
         // Errors cannot be returned from drop; the runtime reports them through its own log.
         let _ = self.bind();
         if let Ok(f) = self.api().aclrtDestroyContext() {

@@ -3,12 +3,14 @@
 use std::ffi::c_void;
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use aclnn_sys as sys;
 
 use crate::device::Device;
 use crate::error::{Error, Result, check_runtime};
+use crate::ordering::{Access, Tracker, enqueue, host_access};
+use crate::runtime::Leak;
 use crate::stream::Stream;
 
 /// Element types that may live in device memory and be copied to and from the host.
@@ -26,22 +28,28 @@ macro_rules! device_repr {
 }
 device_repr!(u8, i8, u16, i16, u32, i32, u64, i64, f32, f64, half::f16, half::bf16);
 
-/// A typed allocation of device memory, owned by the stream it was allocated on.
+/// A typed allocation of device memory.
 ///
-/// Synchronous copies first synchronize the stream (a synchronous `aclrtMemcpy` does not wait
-/// for queued work), and drop synchronizes before `aclrtFree` (which does not wait either).
-/// A zero-length buffer holds no device memory (`aclrtMalloc` rejects size 0).
+/// It has a home stream (the one it was allocated on, used by the methods that take no stream)
+/// but may be used on any stream of its device: every queued use records a mark (an event), and
+/// work on another stream first waits for the marks it conflicts with, on the device, without
+/// blocking the host. Synchronous copies wait on the host for those marks, and drop waits for
+/// all of them before `aclrtFree` (which does not wait for queued work). If such a wait fails,
+/// the memory is leaked and counted ([`Runtime::leaked`](crate::Runtime::leaked)), never freed
+/// while it may be in use. A zero-length buffer holds no device memory.
 pub struct DeviceBuffer<T: DeviceRepr> {
     stream: Arc<Stream>,
     ptr: usize,
     len: usize,
+    tracker: Arc<Tracker>,
     _elem: PhantomData<T>,
 }
 
 // SAFETY: the buffer is an exclusively owned device allocation; the handle is valid on any
 // thread once the context is bound, which every method does.
 unsafe impl<T: DeviceRepr> Send for DeviceBuffer<T> {}
-// SAFETY: `&self` methods only read device memory through synchronous runtime calls.
+// SAFETY: `&self` methods only read device memory, through calls ordered by the tracker, whose
+// state is behind a mutex.
 unsafe impl<T: DeviceRepr> Sync for DeviceBuffer<T> {}
 
 fn byte_len<T>(len: usize, what: &'static str) -> Result<usize> {
@@ -63,7 +71,13 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
             // SAFETY: `ptr` is a valid out-pointer and `bytes` is non-zero.
             check_runtime(device.api(), "aclrtMalloc", unsafe { f(&mut ptr, bytes, sys::ACL_MEM_MALLOC_HUGE_FIRST) })?;
         }
-        Ok(DeviceBuffer { stream: stream.clone(), ptr: ptr as usize, len, _elem: PhantomData })
+        if bytes > 0 && ptr.is_null() {
+            return Err(Error::NullHandle {
+                api: "aclrtMalloc",
+                message: crate::error::recent_message(stream.device().api()),
+            });
+        }
+        Ok(DeviceBuffer { stream: stream.clone(), ptr: ptr as usize, len, tracker: Arc::default(), _elem: PhantomData })
     }
 
     /// Allocates `len` zero-filled elements.
@@ -137,13 +151,15 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
         if self.len == 0 {
             return Ok(());
         }
-        self.stream.synchronize()?;
-        let f = self.api().aclrtMemcpy()?;
-        let bytes = self.byte_len();
-        // SAFETY: `src` is readable for `bytes` bytes, the device allocation holds `bytes`
-        // bytes, no queued work touches it (synchronized above), context bound by synchronize.
-        let code = unsafe { f(self.as_raw(), bytes, src.as_ptr().cast(), bytes, sys::ACL_MEMCPY_HOST_TO_DEVICE) };
-        check_runtime(self.api(), "aclrtMemcpy", code)
+        host_access(&[(&self.tracker, Access::Write)], || {
+            self.device().bind()?;
+            let f = self.api().aclrtMemcpy()?;
+            let bytes = self.byte_len();
+            // SAFETY: `src` is readable for `bytes` bytes, the device allocation holds `bytes`
+            // bytes, and every queued use of it has finished (waited for above).
+            let code = unsafe { f(self.as_raw(), bytes, src.as_ptr().cast(), bytes, sys::ACL_MEMCPY_HOST_TO_DEVICE) };
+            check_runtime(self.api(), "aclrtMemcpy", code)
+        })
     }
 
     /// Copies the buffer into a host slice of the same length (waits for queued work first).
@@ -152,13 +168,17 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
         if self.len == 0 {
             return Ok(());
         }
-        self.stream.synchronize()?;
-        let f = self.api().aclrtMemcpy()?;
-        let bytes = self.byte_len();
-        // SAFETY: `dst` is writable for `bytes` bytes and every bit pattern is a valid `T`
-        // (`DeviceRepr`); the device allocation holds `bytes` bytes.
-        let code = unsafe { f(dst.as_mut_ptr().cast(), bytes, self.as_raw(), bytes, sys::ACL_MEMCPY_DEVICE_TO_HOST) };
-        check_runtime(self.api(), "aclrtMemcpy", code)
+        host_access(&[(&self.tracker, Access::Read)], || {
+            self.device().bind()?;
+            let f = self.api().aclrtMemcpy()?;
+            let bytes = self.byte_len();
+            // SAFETY: `dst` is writable for `bytes` bytes and every bit pattern is a valid `T`
+            // (`DeviceRepr`); the device allocation holds `bytes` bytes; queued writes of it
+            // have finished (waited for above).
+            let code =
+                unsafe { f(dst.as_mut_ptr().cast(), bytes, self.as_raw(), bytes, sys::ACL_MEMCPY_DEVICE_TO_HOST) };
+            check_runtime(self.api(), "aclrtMemcpy", code)
+        })
     }
 
     /// Copies the buffer into a new `Vec`.
@@ -170,46 +190,80 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
         Ok(out)
     }
 
-    /// Queues a copy from pinned host memory on this buffer's stream and returns at once.
-    /// `src` stays locked (its slices wait for the stream) until the copy has run.
-    pub fn copy_from_pinned_async(&mut self, src: &PinnedHostBuffer<T>) -> Result<()> {
-        self.check_len(src.len, "source")?;
-        if self.len == 0 {
-            return Ok(());
+    /// The marks of the work queued on this buffer.
+    pub(crate) fn tracker(&self) -> &Arc<Tracker> {
+        &self.tracker
+    }
+
+    fn check_stream(&self, stream: &Stream, pinned: &Arc<Device>) -> Result<()> {
+        if !Arc::ptr_eq(stream.device(), self.device()) || !Arc::ptr_eq(pinned, self.device()) {
+            return Err(Error::invalid(
+                "stream",
+                format!(
+                    "the stream is on device {}, the pinned buffer on device {}, the device buffer on device {}",
+                    stream.device().id(),
+                    pinned.id(),
+                    self.device().id()
+                ),
+                "one device for the stream and both buffers",
+            ));
         }
-        src.wait()?;
-        self.stream.device().bind()?;
-        let f = self.api().aclrtMemcpyAsync()?;
-        let bytes = self.byte_len();
-        // SAFETY: both sides hold `bytes` bytes; `src` cannot be written or freed until the
-        // stream is synchronized (it records the stream below and waits for it first).
-        let code = unsafe {
-            f(self.as_raw(), bytes, src.ptr as *const c_void, bytes, sys::ACL_MEMCPY_HOST_TO_DEVICE, self.stream.raw())
-        };
-        check_runtime(self.api(), "aclrtMemcpyAsync", code)?;
-        src.mark_pending(&self.stream);
         Ok(())
     }
 
-    /// Queues a copy into pinned host memory on this buffer's stream and returns at once.
-    /// `dst`'s slices wait for the stream before handing out data.
-    pub fn copy_to_pinned_async(&self, dst: &mut PinnedHostBuffer<T>) -> Result<()> {
-        self.check_len(dst.len, "destination")?;
+    /// Queues a copy from pinned host memory on this buffer's home stream and returns at once.
+    pub fn copy_from_pinned_async(&mut self, src: &PinnedHostBuffer<T>) -> Result<()> {
+        let stream = self.stream.clone();
+        self.copy_from_pinned_async_on(src, &stream)
+    }
+
+    /// Queues a copy from pinned host memory on `stream` (any stream of the buffer's device) and
+    /// returns at once. The copy waits on the device for earlier queued uses of either buffer;
+    /// later uses (and the host, and drop) wait for the copy.
+    pub fn copy_from_pinned_async_on(&mut self, src: &PinnedHostBuffer<T>, stream: &Arc<Stream>) -> Result<()> {
+        self.check_len(src.len, "source")?;
+        self.check_stream(stream, &src.device)?;
         if self.len == 0 {
             return Ok(());
         }
-        dst.wait()?;
-        self.stream.device().bind()?;
-        let f = self.api().aclrtMemcpyAsync()?;
-        let bytes = self.byte_len();
-        // SAFETY: both sides hold `bytes` bytes; `dst` cannot be read, written or freed until
-        // the stream is synchronized (recorded below).
-        let code = unsafe {
-            f(dst.ptr as *mut c_void, bytes, self.as_raw(), bytes, sys::ACL_MEMCPY_DEVICE_TO_HOST, self.stream.raw())
-        };
-        check_runtime(self.api(), "aclrtMemcpyAsync", code)?;
-        dst.mark_pending(&self.stream);
-        Ok(())
+        enqueue(stream, &[(&self.tracker, Access::Write), (&src.tracker, Access::Read)], || {
+            stream.device().bind()?;
+            let f = self.api().aclrtMemcpyAsync()?;
+            let bytes = self.byte_len();
+            // SAFETY: both sides hold `bytes` bytes; neither can be freed, nor the pinned one
+            // written by the host, before the mark recorded after this copy has completed (their
+            // trackers make drop and host access wait for it).
+            let code = unsafe {
+                f(self.as_raw(), bytes, src.ptr as *const c_void, bytes, sys::ACL_MEMCPY_HOST_TO_DEVICE, stream.raw())
+            };
+            check_runtime(self.api(), "aclrtMemcpyAsync", code)
+        })
+    }
+
+    /// Queues a copy into pinned host memory on this buffer's home stream and returns at once.
+    pub fn copy_to_pinned_async(&self, dst: &mut PinnedHostBuffer<T>) -> Result<()> {
+        self.copy_to_pinned_async_on(dst, &self.stream)
+    }
+
+    /// Queues a copy into pinned host memory on `stream` (any stream of the buffer's device) and
+    /// returns at once; `dst`'s slices wait for it.
+    pub fn copy_to_pinned_async_on(&self, dst: &mut PinnedHostBuffer<T>, stream: &Arc<Stream>) -> Result<()> {
+        self.check_len(dst.len, "destination")?;
+        self.check_stream(stream, &dst.device)?;
+        if self.len == 0 {
+            return Ok(());
+        }
+        enqueue(stream, &[(&self.tracker, Access::Read), (&dst.tracker, Access::Write)], || {
+            stream.device().bind()?;
+            let f = self.api().aclrtMemcpyAsync()?;
+            let bytes = self.byte_len();
+            // SAFETY: both sides hold `bytes` bytes; `dst` cannot be read, written or freed by
+            // the host before the mark recorded after this copy has completed.
+            let code = unsafe {
+                f(dst.ptr as *mut c_void, bytes, self.as_raw(), bytes, sys::ACL_MEMCPY_DEVICE_TO_HOST, stream.raw())
+            };
+            check_runtime(self.api(), "aclrtMemcpyAsync", code)
+        })
     }
 }
 
@@ -218,11 +272,21 @@ impl<T: DeviceRepr> Drop for DeviceBuffer<T> {
         if self.ptr == 0 {
             return;
         }
-        // aclrtFree does not wait for queued work that may still use the memory.
-        let _ = self.stream.synchronize();
-        if let Ok(f) = self.api().aclrtFree() {
-            // SAFETY: allocated by aclrtMalloc in `alloc`, idle, freed exactly once.
-            let _ = unsafe { f(self.as_raw()) };
+        // aclrtFree does not wait for queued work that may still use the memory: wait for every
+        // mark first, and leak the memory if that cannot be confirmed.
+        let leaks = self.device().runtime().leaks();
+        if self.tracker.wait_all_on_host().is_err() {
+            leaks.add(Leak::DeviceBuffer(self.byte_len()));
+            return;
+        }
+        let _ = self.device().bind(); // aclrtFree reports a context problem itself
+        let freed = self.api().aclrtFree().is_ok_and(|f| {
+            // SAFETY: allocated by aclrtMalloc in `alloc`, idle (every mark completed), freed
+            // exactly once.
+            unsafe { f(self.as_raw()) == sys::ACL_SUCCESS }
+        });
+        if !freed {
+            leaks.add(Leak::DeviceBuffer(self.byte_len()));
         }
     }
 }
@@ -239,20 +303,21 @@ impl<T: DeviceRepr> fmt::Debug for DeviceBuffer<T> {
 
 /// Page-locked host memory (`aclrtMallocHost`), the source or target of asynchronous copies.
 ///
-/// While a queued copy uses it, the buffer remembers the stream: [`as_slice`](Self::as_slice),
-/// [`as_mut_slice`](Self::as_mut_slice) and drop synchronize that stream first, so host code
-/// never races the device.
+/// Queued copies record marks on it (any number, from any streams and threads):
+/// [`as_slice`](Self::as_slice), [`as_mut_slice`](Self::as_mut_slice) and drop wait for the
+/// ones they conflict with first, so host code never races the device. If the wait before the
+/// free fails, the buffer is leaked and counted, never freed under a queued copy.
 pub struct PinnedHostBuffer<T: DeviceRepr> {
     device: Arc<Device>,
     ptr: usize,
     len: usize,
-    pending: Mutex<Option<Arc<Stream>>>,
+    tracker: Arc<Tracker>,
     _elem: PhantomData<T>,
 }
 
-// SAFETY: exclusively owned host memory; pending work is tracked behind a mutex.
+// SAFETY: exclusively owned host memory; queued work is tracked behind the tracker's mutex.
 unsafe impl<T: DeviceRepr> Send for PinnedHostBuffer<T> {}
-// SAFETY: `&self` methods only touch the mutex-protected pending stream.
+// SAFETY: `&self` methods only touch the mutex-protected tracker; slices need `&mut self`.
 unsafe impl<T: DeviceRepr> Sync for PinnedHostBuffer<T> {}
 
 impl<T: DeviceRepr> PinnedHostBuffer<T> {
@@ -265,15 +330,21 @@ impl<T: DeviceRepr> PinnedHostBuffer<T> {
             let f = device.api().aclrtMallocHost()?;
             // SAFETY: valid out-pointer, non-zero size.
             check_runtime(device.api(), "aclrtMallocHost", unsafe { f(&mut ptr, bytes) })?;
-            // SAFETY: the allocation holds `bytes` writable bytes; zeroing makes every byte
-            // initialised before any slice is handed out.
+            if ptr.is_null() {
+                return Err(Error::NullHandle {
+                    api: "aclrtMallocHost",
+                    message: crate::error::recent_message(device.api()),
+                });
+            }
+            // SAFETY: the allocation holds `bytes` writable bytes (non-null, checked above);
+            // zeroing makes every byte initialised before any slice is handed out.
             unsafe { std::ptr::write_bytes(ptr.cast::<u8>(), 0, bytes) };
         }
         Ok(PinnedHostBuffer {
             device: device.clone(),
             ptr: ptr as usize,
             len,
-            pending: Mutex::new(None),
+            tracker: Arc::default(),
             _elem: PhantomData,
         })
     }
@@ -295,34 +366,31 @@ impl<T: DeviceRepr> PinnedHostBuffer<T> {
         self.len == 0
     }
 
-    fn mark_pending(&self, stream: &Arc<Stream>) {
-        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.clone());
+    /// The device whose runtime allocated this buffer.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
     }
 
-    /// Waits for the stream of a queued copy that uses this buffer, if any.
+    /// Blocks until every queued copy that uses this buffer has finished.
     pub fn wait(&self) -> Result<()> {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(stream) = pending.as_ref() {
-            stream.synchronize()?;
-            *pending = None;
-        }
-        Ok(())
+        self.tracker.wait_all_on_host()
     }
 
-    /// The contents, after any queued copy has finished.
+    /// The contents, after queued copies into it have finished.
     pub fn as_slice(&mut self) -> Result<&[T]> {
-        self.wait()?;
+        host_access(&[(&self.tracker, Access::Read)], || Ok(()))?;
         if self.len == 0 {
             return Ok(&[]);
         }
         // SAFETY: `len` initialised elements (zeroed at allocation, written only by copies that
-        // have completed), exclusively borrowed through `&mut self`.
+        // have completed), exclusively borrowed through `&mut self`, so no copy can be queued
+        // while the slice lives.
         Ok(unsafe { std::slice::from_raw_parts(self.ptr as *const T, self.len) })
     }
 
-    /// The contents for writing, after any queued copy has finished.
+    /// The contents for writing, after every queued copy that uses this buffer has finished.
     pub fn as_mut_slice(&mut self) -> Result<&mut [T]> {
-        self.wait()?;
+        host_access(&[(&self.tracker, Access::Write)], || Ok(()))?;
         if self.len == 0 {
             return Ok(&mut []);
         }
@@ -333,14 +401,23 @@ impl<T: DeviceRepr> PinnedHostBuffer<T> {
 
 impl<T: DeviceRepr> Drop for PinnedHostBuffer<T> {
     fn drop(&mut self) {
-        let _ = self.wait();
         if self.ptr == 0 {
             return;
         }
-        let _ = self.device.bind();
-        if let Ok(f) = self.device.api().aclrtFreeHost() {
-            // SAFETY: allocated by aclrtMallocHost, no queued copy uses it, freed exactly once.
-            let _ = unsafe { f(self.ptr as *mut c_void) };
+        let bytes = self.len * std::mem::size_of::<T>();
+        let leaks = self.device.runtime().leaks();
+        if self.tracker.wait_all_on_host().is_err() {
+            leaks.add(Leak::HostBuffer(bytes));
+            return;
+        }
+        let _ = self.device.bind(); // aclrtFreeHost reports a context problem itself
+        let freed = self.device.api().aclrtFreeHost().is_ok_and(|f| {
+            // SAFETY: allocated by aclrtMallocHost, no queued copy uses it (every mark
+            // completed), freed exactly once.
+            unsafe { f(self.ptr as *mut c_void) == sys::ACL_SUCCESS }
+        });
+        if !freed {
+            leaks.add(Leak::HostBuffer(bytes));
         }
     }
 }

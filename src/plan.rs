@@ -8,7 +8,9 @@ use aclnn_sys::{self as sys, aclOpExecutor};
 
 use crate::device::Device;
 use crate::error::{Error, Result, check_aclnn};
+use crate::ordering::{Access, Tracker, enqueue};
 use crate::stream::Stream;
+use crate::tensor::Tensor;
 use crate::workspace::Workspace;
 
 /// Phase 2 of an operator: `(workspace, workspaceSize, executor, stream)`.
@@ -16,8 +18,12 @@ pub(crate) type LaunchFn =
     unsafe extern "C" fn(*mut c_void, u64, *mut aclOpExecutor, sys::aclrtStream) -> sys::aclnnStatus;
 
 /// The result of phase 1: an executor and the workspace it needs. It borrows the operator's
-/// tensors (`'t`) so they outlive the launch. [`Plan::launch`] consumes it; a plan dropped
-/// without launching destroys its executor.
+/// tensors (`'t`) so they outlive the launch, and knows which of them the operator reads and
+/// which it writes. [`Plan::launch`] consumes it; a plan dropped without launching destroys its
+/// executor.
+///
+/// Neither `Send` nor `Sync`: it refers to descriptors (`Tensor` is not `Sync`) that the
+/// executor may still use, so it stays on the thread that made it.
 #[must_use = "a plan does nothing until it is launched"]
 pub struct Plan<'t> {
     op: &'static str,
@@ -25,20 +31,29 @@ pub struct Plan<'t> {
     workspace_size: u64,
     executor: *mut aclOpExecutor,
     launch: LaunchFn,
-    _tensors: PhantomData<&'t ()>,
+    operands: Vec<(&'t Tracker, Access)>,
+    _tensors: PhantomData<&'t Tensor<'t>>,
 }
 
 impl<'t> Plan<'t> {
     /// Wraps phase 1's outputs. `executor` may be null (operators that do all their work in
     /// phase 1 never write it).
+    /// `reads` and `writes` are the tensors the operator reads and writes (in phase 2).
     pub(crate) fn new(
         op: &'static str,
         device: Arc<Device>,
         workspace_size: u64,
         executor: *mut aclOpExecutor,
         launch: LaunchFn,
+        reads: &[&'t Tensor<'_>],
+        writes: &[&'t Tensor<'_>],
     ) -> Plan<'t> {
-        Plan { op, device, workspace_size, executor, launch, _tensors: PhantomData }
+        let operands = reads
+            .iter()
+            .map(|t| (t.tracker(), Access::Read))
+            .chain(writes.iter().map(|t| (t.tracker(), Access::Write)))
+            .collect();
+        Plan { op, device, workspace_size, executor, launch, operands, _tensors: PhantomData }
     }
 
     /// Bytes of device workspace phase 2 needs.
@@ -46,8 +61,11 @@ impl<'t> Plan<'t> {
         self.workspace_size
     }
 
-    /// Runs phase 2 on `stream`, using (and growing if needed) `workspace`.
-    pub fn launch(mut self, stream: &Stream, workspace: &mut Workspace) -> Result<()> {
+    /// Runs phase 2 on `stream` (any stream of the tensors' device), using (and growing if
+    /// needed) `workspace`. The launch first waits, on the device, for work queued on other
+    /// streams that writes what it reads or uses what it writes (the workspace included); the
+    /// tensors' memory and the workspace are not freed before it has run.
+    pub fn launch(mut self, stream: &Arc<Stream>, workspace: &mut Workspace) -> Result<()> {
         if !Arc::ptr_eq(stream.device(), &self.device) {
             return Err(Error::invalid(
                 "stream",
@@ -55,14 +73,28 @@ impl<'t> Plan<'t> {
                 format!("a stream of device {}, where the operator's tensors live", self.device.id()),
             ));
         }
+        if !Arc::ptr_eq(workspace.stream().device(), &self.device) {
+            return Err(Error::invalid(
+                "workspace",
+                format!("it belongs to device {}", workspace.stream().device().id()),
+                format!("a workspace of device {}, where the operator's tensors live", self.device.id()),
+            ));
+        }
         let ptr = workspace.reserve(self.workspace_size)?;
-        self.device.bind()?;
+        let mut operands = std::mem::take(&mut self.operands);
+        if let Some(tracker) = workspace.tracker() {
+            operands.push((tracker, Access::Write));
+        }
         let executor = std::mem::replace(&mut self.executor, std::ptr::null_mut());
-        // SAFETY: the executor comes from phase 1 of the same operator and is consumed here
-        // exactly once; the workspace holds at least `workspace_size` bytes (or is null for 0);
-        // the tensors the executor refers to are borrowed for `'t`.
-        let code = unsafe { (self.launch)(ptr, self.workspace_size, executor, stream.raw()) };
-        check_aclnn(self.device.api(), self.op, code)
+        enqueue(stream, &operands, || {
+            self.device.bind()?;
+            // SAFETY: the executor comes from phase 1 of the same operator and is consumed here
+            // exactly once; the workspace holds at least `workspace_size` bytes (or is null for
+            // 0); the tensors the executor refers to are borrowed for `'t`, and their memory (and
+            // the workspace's) is not freed before the mark recorded after this launch completes.
+            let code = unsafe { (self.launch)(ptr, self.workspace_size, executor, stream.raw()) };
+            check_aclnn(self.device.api(), self.op, code)
+        })
     }
 }
 
@@ -77,6 +109,3 @@ impl Drop for Plan<'_> {
         }
     }
 }
-
-// SAFETY: the executor is an opaque handle used only by `launch`/`drop`, which take `self`.
-unsafe impl Send for Plan<'_> {}

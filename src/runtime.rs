@@ -3,6 +3,7 @@
 use std::ffi::CStr;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use aclnn_sys::{self as sys, Api, FunctionTable, LoaderConfig};
 
@@ -11,37 +12,64 @@ use crate::error::{Error, Result, check_runtime};
 
 /// Which implementation of the C API to use. The safe layer never chooses on its own and never
 /// falls back from one to the other.
+///
+/// The safe layer trusts every entry point of its backend to behave as the C API documents
+/// (valid out-pointers, live strings, memory that is what it claims). A backend is therefore
+/// either the real CANN libraries ([`Backend::cann`]), the simulated device ([`Backend::sim`]),
+/// or a table whose author promises that contract ([`Backend::table`], `unsafe`).
+#[derive(Clone)]
+pub struct Backend {
+    kind: Kind,
+}
+
 #[derive(Clone)]
 #[allow(clippy::large_enum_variant)] // built once per runtime; boxing would only add noise
-pub enum Backend {
-    /// The real CANN libraries, found by the loader.
+enum Kind {
     Cann(LoaderConfig),
-    /// A table of entry points supplied by another implementation (e.g. the simulated device).
-    Table {
-        /// Name for messages (e.g. `"sim"`).
-        name: String,
-        /// The entry points.
-        table: FunctionTable,
-    },
+    Table { name: String, table: FunctionTable },
 }
 
 impl Backend {
     /// The real CANN libraries with the loader's configuration from the environment
     /// (`ACLNN_LIB_DIR`, `ASCEND_HOME_PATH`, ...).
     pub fn cann() -> Backend {
-        Backend::Cann(LoaderConfig::from_env())
+        Backend::cann_with(LoaderConfig::from_env())
+    }
+
+    /// The real CANN libraries, searched as `config` says.
+    pub fn cann_with(config: LoaderConfig) -> Backend {
+        Backend { kind: Kind::Cann(config) }
+    }
+
+    /// The simulated device, configured as `config` says (see [`crate::sim::install`]).
+    #[cfg(feature = "sim")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
+    pub fn sim(config: crate::sim::SimConfig) -> Result<Backend> {
+        let table = crate::sim::install(config).map_err(|e| Error::Backend(e.to_string()))?;
+        // SAFETY: the simulator's table implements every entry as the C API documents it; that
+        // is what the simulator exists for, and its own tests hold it to that.
+        Ok(unsafe { Backend::table("sim", table) })
     }
 
     /// A backend named `name` that supplies `table`.
-    pub fn table(name: impl Into<String>, table: FunctionTable) -> Backend {
-        Backend::Table { name: name.into(), table }
+    ///
+    /// # Safety
+    /// Every entry of `table` must behave as the ACL / aclnn C function of the same name is
+    /// documented to, for as long as any object of the runtime lives: out-pointers written on
+    /// success, returned strings NUL-terminated and valid until the documented point, device and
+    /// host memory of the sizes asked for, handles valid until destroyed, asynchronous work
+    /// ordered as on its stream, and thread-safety as in ACL. The safe layer builds its
+    /// soundness on these promises; a table that breaks one can cause undefined behaviour in
+    /// safe code.
+    pub unsafe fn table(name: impl Into<String>, table: FunctionTable) -> Backend {
+        Backend { kind: Kind::Table { name: name.into(), table } }
     }
 
     /// Short name: `"cann"` or the table's name.
     pub fn name(&self) -> &str {
-        match self {
-            Backend::Cann(_) => "cann",
-            Backend::Table { name, .. } => name,
+        match &self.kind {
+            Kind::Cann(_) => "cann",
+            Kind::Table { name, .. } => name,
         }
     }
 }
@@ -49,6 +77,84 @@ impl Backend {
 impl fmt::Debug for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("Backend").field(&self.name()).finish()
+    }
+}
+
+/// Resources this runtime gave up on instead of releasing them while they might still be in
+/// use: when the wait that guards a free fails (a failed synchronize, a failed event query), the
+/// memory, stream or event is leaked and counted here, never freed while the device may still
+/// touch it. All zero in a healthy process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Leaked {
+    /// Device allocations not freed.
+    pub device_buffers: u64,
+    /// Their bytes.
+    pub device_bytes: u64,
+    /// Pinned host buffers not freed.
+    pub host_buffers: u64,
+    /// Their bytes.
+    pub host_bytes: u64,
+    /// Streams not destroyed.
+    pub streams: u64,
+    /// Events not destroyed.
+    pub events: u64,
+    /// Tensor descriptors whose `aclDestroyTensor` failed.
+    pub tensors: u64,
+}
+
+/// The counters behind [`Leaked`].
+#[derive(Default)]
+pub(crate) struct LeakCounters {
+    device_buffers: AtomicU64,
+    device_bytes: AtomicU64,
+    host_buffers: AtomicU64,
+    host_bytes: AtomicU64,
+    streams: AtomicU64,
+    events: AtomicU64,
+    tensors: AtomicU64,
+}
+
+/// What was leaked, for [`LeakCounters::add`].
+pub(crate) enum Leak {
+    DeviceBuffer(usize),
+    HostBuffer(usize),
+    Stream,
+    Event,
+    Tensor,
+}
+
+impl LeakCounters {
+    pub(crate) fn add(&self, leak: Leak) {
+        let add = |c: &AtomicU64, n: u64| {
+            c.fetch_add(n, Ordering::Relaxed);
+        };
+        match leak {
+            Leak::DeviceBuffer(bytes) => {
+                add(&self.device_buffers, 1);
+                add(&self.device_bytes, bytes as u64);
+            }
+            Leak::HostBuffer(bytes) => {
+                add(&self.host_buffers, 1);
+                add(&self.host_bytes, bytes as u64);
+            }
+            Leak::Stream => add(&self.streams, 1),
+            Leak::Event => add(&self.events, 1),
+            Leak::Tensor => add(&self.tensors, 1),
+        }
+    }
+
+    fn snapshot(&self) -> Leaked {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Leaked {
+            device_buffers: get(&self.device_buffers),
+            device_bytes: get(&self.device_bytes),
+            host_buffers: get(&self.host_buffers),
+            host_bytes: get(&self.host_bytes),
+            streams: get(&self.streams),
+            events: get(&self.events),
+            tensors: get(&self.tensors),
+        }
     }
 }
 
@@ -66,15 +172,16 @@ pub struct Runtime {
 struct RuntimeInner {
     api: Api,
     backend: String,
+    leaks: LeakCounters,
 }
 
 impl Runtime {
     /// Loads (or takes) the backend's entry points and initialises ACL.
     pub fn new(backend: Backend) -> Result<Runtime> {
         let name = backend.name().to_string();
-        let api = match backend {
-            Backend::Cann(config) => Api::load(config)?,
-            Backend::Table { table, .. } => Api::from_table(table),
+        let api = match backend.kind {
+            Kind::Cann(config) => Api::load(config)?,
+            Kind::Table { table, .. } => Api::from_table(table),
         };
         let init = api.aclInit()?;
         // SAFETY: a null config path is documented as "no configuration file".
@@ -86,7 +193,7 @@ impl Runtime {
         } else {
             check_runtime(&api, "aclInit", code)?;
         }
-        Ok(Runtime { inner: Arc::new(RuntimeInner { api, backend: name }) })
+        Ok(Runtime { inner: Arc::new(RuntimeInner { api, backend: name, leaks: LeakCounters::default() }) })
     }
 
     /// The backend chosen by `ACLNN_BACKEND` (see [`crate::backend_from_env`]).
@@ -97,6 +204,15 @@ impl Runtime {
     /// The raw function table, for calls this crate does not wrap.
     pub fn api(&self) -> &Api {
         &self.inner.api
+    }
+
+    /// What this runtime leaked on purpose because a guarding wait failed (see [`Leaked`]).
+    pub fn leaked(&self) -> Leaked {
+        self.inner.leaks.snapshot()
+    }
+
+    pub(crate) fn leaks(&self) -> &LeakCounters {
+        &self.inner.leaks
     }
 
     /// The backend's name (`"cann"`, `"sim"`, ...).

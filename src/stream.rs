@@ -7,10 +7,14 @@ use std::sync::Arc;
 use aclnn_sys as sys;
 
 use crate::device::Device;
-use crate::error::{Result, check_runtime};
+use crate::error::{Error, Result, check_runtime};
+use crate::event::Event;
+use crate::runtime::Leak;
 
-/// A stream on one device. Shared as `Arc<Stream>` by the buffers allocated on it, so it is
-/// destroyed (after a final synchronize) only when they are gone.
+/// A stream on one device. Shared as `Arc<Stream>` by the buffers allocated on it and by the
+/// marks of work queued on it, so it is destroyed (after a final synchronize) only when they
+/// are gone; if that synchronize fails, the stream is leaked and counted
+/// ([`Runtime::leaked`](crate::Runtime::leaked)).
 ///
 /// `Send + Sync`: every method is a single ACL call after binding the device context, and ACL
 /// accepts calls on a stream from any thread. Work submitted from several threads at once is
@@ -50,16 +54,50 @@ impl Stream {
         self.device.bind()?;
         let f = self.device.api().aclrtSynchronizeStream()?;
         // SAFETY: the stream is alive for as long as `self`.
-        check_runtime(self.device.api(), "aclrtSynchronizeStream", unsafe { f(self.raw()) })
+        check_runtime(self.device.api(), "aclrtSynchronizeStream", unsafe { f(self.raw()) })?;
+        self.device.prune_retired();
+        Ok(())
+    }
+
+    /// Makes work queued on this stream from now on wait, on the device, until `event`'s last
+    /// record has been reached (`aclrtStreamWaitEvent`). The host does not block.
+    pub fn wait_event(&self, event: &Event) -> Result<()> {
+        if !Arc::ptr_eq(event.device(), &self.device) {
+            return Err(Error::invalid(
+                "event",
+                format!("it belongs to device {}", event.device().id()),
+                format!("an event of device {}, where the stream lives", self.device.id()),
+            ));
+        }
+        event.mark_used();
+        self.device.bind()?;
+        let f = self.device.api().aclrtStreamWaitEvent()?;
+        // SAFETY: both handles are alive for the call (the event's destruction waits for the
+        // queued wait to pass, see `Event`'s drop); the context is current.
+        check_runtime(self.device.api(), "aclrtStreamWaitEvent", unsafe { f(self.raw(), event.raw()) })
+    }
+
+    /// Records a new event at the current end of the queue.
+    pub fn record_event(&self) -> Result<Event> {
+        let event = Event::new(&self.device)?;
+        event.record(self)?;
+        Ok(event)
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        let _ = self.synchronize();
-        if let Ok(f) = self.device.api().aclrtDestroyStream() {
+        // A stream whose queued work cannot be confirmed finished is leaked, not destroyed.
+        if self.synchronize().is_err() {
+            self.device.runtime().leaks().add(Leak::Stream);
+            return;
+        }
+        let destroyed = self.device.api().aclrtDestroyStream().is_ok_and(|f| {
             // SAFETY: created by `new`, idle after the synchronize, destroyed exactly once.
-            let _ = unsafe { f(self.raw()) };
+            unsafe { f(self.raw()) == sys::ACL_SUCCESS }
+        });
+        if !destroyed {
+            self.device.runtime().leaks().add(Leak::Stream);
         }
     }
 }

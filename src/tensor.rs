@@ -11,6 +11,8 @@ use aclnn_sys as sys;
 
 use crate::error::{Error, Result};
 use crate::memory::{DeviceBuffer, DeviceRepr};
+use crate::ordering::Tracker;
+use crate::runtime::Leak;
 use crate::stream::Stream;
 
 /// Largest rank accepted (aclnn operators use at most 8 dims).
@@ -218,6 +220,9 @@ impl TensorDesc {
         if self.offset < 0 {
             return Err(Error::invalid("tensor offset", format!("{}", self.offset), "an offset >= 0"));
         }
+        if self.format == Format::FractalNz && self.view.iter().all(|d| *d > 0) {
+            self.validate_nz()?;
+        }
         // For plain layouts, every element the view can reach must lie inside the storage.
         if self.format != Format::FractalNz && self.view.iter().all(|d| *d > 0) {
             let last = self.view.iter().zip(&self.strides).try_fold(self.offset as u64, |acc, (d, s)| {
@@ -242,6 +247,39 @@ impl TensorDesc {
     }
 }
 
+impl TensorDesc {
+    /// A FRACTAL_NZ view must fit its storage `(.., N1, K1, K0, C0)`: the view's last two dims,
+    /// in either order (a transposed view swaps them), within `K1 * K0` rows and `N1 * C0`
+    /// columns, and its leading dims within the storage's leading dims. Operators address NZ
+    /// data from the view, so a larger view would reach beyond the buffer.
+    fn validate_nz(&self) -> Result<()> {
+        let (v, s) = (&self.view, &self.storage);
+        let refuse = |why: String| {
+            Err(Error::invalid(
+                "tensor view",
+                format!("FRACTAL_NZ view {v:?} over storage {s:?}: {why}"),
+                "an NZ storage shape (.., N1, K1, K0, C0) that holds the view's last two dims (either order)                  and its leading dims",
+            ))
+        };
+        if v.len() < 2 || s.len() < 4 {
+            return refuse("the view needs at least 2 dims and the storage at least 4".into());
+        }
+        let (vr, sr) = (v.len(), s.len());
+        let rows = s[sr - 3].checked_mul(s[sr - 2]);
+        let cols = s[sr - 4].checked_mul(s[sr - 1]);
+        let (a, b) = (v[vr - 2], v[vr - 1]);
+        let fits = |r: i64, c: i64| rows.is_some_and(|rows| r <= rows) && cols.is_some_and(|cols| c <= cols);
+        if !fits(a, b) && !fits(b, a) {
+            return refuse(format!("the view's {a} x {b} does not fit the storage's tiles"));
+        }
+        let lead = |d: &[i64]| d.iter().try_fold(1i64, |acc, x| acc.checked_mul(*x));
+        match (lead(&v[..vr - 2]), lead(&s[..sr - 4])) {
+            (Some(vl), Some(sl)) if vl <= sl => Ok(()),
+            _ => refuse("the view's leading dims exceed the storage's".into()),
+        }
+    }
+}
+
 /// A live `aclTensor` describing device memory it borrows (`'a`) or owns.
 ///
 /// Construction checks that the storage shape fits in the buffer, so an operator writing the
@@ -251,17 +289,19 @@ pub struct Tensor<'a> {
     raw: NonNull<sys::aclTensor>,
     desc: TensorDesc,
     stream: Arc<Stream>,
+    tracker: Arc<Tracker>,
     capacity: usize,
     writable: bool,
     owned: Option<Box<dyn Any + Send + Sync>>,
     _borrow: PhantomData<&'a ()>,
 }
 
-// SAFETY: the descriptor is a heap object of nnopbase that is not tied to a thread; `Tensor`
-// only hands it to operator calls, which take it by pointer.
+// SAFETY: the descriptor is a heap object of nnopbase that is not tied to a thread; moving the
+// only handle to another thread moves all use of it there.
 unsafe impl Send for Tensor<'_> {}
-// SAFETY: `&Tensor` exposes only reads of the Rust-side description and the raw pointer.
-unsafe impl Sync for Tensor<'_> {}
+// Not `Sync`: nnopbase promises nothing about two threads using one descriptor at once, and
+// operators do modify descriptors in phase 1 (INT4Pack rewrites the packed tensor's original
+// shape). Operators take `&Tensor`, so a `Sync` tensor would let two threads run phase 1 on it.
 
 impl<'a> Tensor<'a> {
     /// A read-only tensor over `buffer`.
@@ -313,6 +353,7 @@ impl<'a> Tensor<'a> {
             raw,
             desc,
             stream: buffer.stream().clone(),
+            tracker: buffer.tracker().clone(),
             capacity: buffer.byte_len(),
             writable,
             owned: None,
@@ -344,6 +385,11 @@ impl<'a> Tensor<'a> {
     pub fn as_raw(&self) -> *mut sys::aclTensor {
         self.raw.as_ptr()
     }
+
+    /// The marks of the work queued on the described memory.
+    pub(crate) fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
 }
 
 impl Tensor<'static> {
@@ -365,16 +411,14 @@ impl Tensor<'static> {
 impl Drop for Tensor<'_> {
     fn drop(&mut self) {
         let api = self.stream.device().api();
-        if let Ok(f) = api.aclDestroyTensor() {
-            // SAFETY: created by aclCreateTensor in `create` and destroyed here only. nnopbase
-            // returns non-zero only when it rejects the call before releasing the descriptor, so
-            // one retry after a failure cannot release it twice; it keeps a transient failure
-            // from leaking the descriptor for the rest of the process.
-            unsafe {
-                if f(self.raw.as_ptr()) != sys::ACLNN_SUCCESS {
-                    let _ = f(self.raw.as_ptr());
-                }
-            }
+        let destroyed = api.aclDestroyTensor().is_ok_and(|f| {
+            // SAFETY: created by aclCreateTensor in `create` and destroyed here only, once: a
+            // failed call is not retried (the library may have released the descriptor before
+            // reporting the error, and a second call would then be a double free).
+            unsafe { f(self.raw.as_ptr()) == sys::ACLNN_SUCCESS }
+        });
+        if !destroyed {
+            self.stream.device().runtime().leaks().add(Leak::Tensor);
         }
         // `owned` (if any) drops after the descriptor, freeing the memory last.
     }

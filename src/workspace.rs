@@ -5,10 +5,15 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::memory::DeviceBuffer;
+use crate::ordering::Tracker;
 use crate::stream::Stream;
 
 /// Scratch device memory an operator asks for in phase 1. Reused across calls and grown on
 /// demand; a request for 0 bytes yields a null pointer and allocates nothing.
+///
+/// Launches that use it are ordered: a launch on another stream waits (on the device) for the
+/// previous one, so two operators never share the scratch memory at the same time, and growing
+/// frees the old memory only after every launch that used it has run.
 #[derive(Debug)]
 pub struct Workspace {
     stream: Arc<Stream>,
@@ -42,8 +47,13 @@ impl Workspace {
         Ok(self.buffer.as_ref().map_or(std::ptr::null_mut(), |b| b.as_raw()))
     }
 
-    /// The stream the workspace memory belongs to.
+    /// The stream the workspace memory was allocated on (its device is the workspace's).
     pub fn stream(&self) -> &Arc<Stream> {
         &self.stream
+    }
+
+    /// The marks of the launches that used the workspace (none before the first allocation).
+    pub(crate) fn tracker(&self) -> Option<&Tracker> {
+        self.buffer.as_ref().map(|b| &**b.tracker())
     }
 }

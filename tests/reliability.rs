@@ -245,6 +245,31 @@ struct SweepResult {
     covered: usize,
     returned_errors: usize,
     teardown_failures: usize,
+    /// Forward-path failures the flow absorbed with the right bytes (an event that could not be
+    /// created or recorded falls back to ordering by stream synchronisation).
+    absorbed: usize,
+}
+
+/// C functions whose failure on the forward path may be absorbed: marks fall back to stream
+/// synchronisation when an event cannot be made, and binding the context is part of that.
+const ABSORBABLE_APIS: &[&str] = &[
+    "aclrtCreateEvent",
+    "aclrtRecordEvent",
+    "aclrtDestroyEvent",
+    "aclrtQueryEventStatus",
+    "aclrtQueryEventWaitStatus",
+    "aclrtSetCurrentContext",
+];
+
+/// Whether every leak the simulator reported is one the runtime counted on purpose (the
+/// fail-closed policy: memory, streams or events whose guarding wait failed are leaked, not
+/// freed), and nothing was counted that the simulator did not see.
+fn leaks_explained(reports: &[LeakReport], before: aclnn::Leaked, after: aclnn::Leaked) -> bool {
+    let sum = |f: fn(&LeakReport) -> u64| reports.iter().map(f).sum::<u64>();
+    sum(|r| r.allocations.len() as u64) == after.device_buffers - before.device_buffers
+        && sum(|r| r.streams as u64) == after.streams - before.streams
+        && sum(|r| r.events as u64) == after.events - before.events
+        && sum(|r| r.host_buffers as u64) == after.host_buffers - before.host_buffers
 }
 
 /// Learns the flow's C calls, then fails each call index of each function once and checks the
@@ -252,7 +277,9 @@ struct SweepResult {
 /// never a panic, nothing live afterwards.
 fn sweep(spec: &FlowSpec) -> SweepResult {
     let h = common::harness();
-    let runtime = Runtime::new(Backend::table("sim-spy", spy::table())).expect("spy runtime");
+    // SAFETY: the spy forwards every call to the simulator's entries unchanged and only records
+    // what went through, so it keeps the C API's contract as the simulator does.
+    let runtime = Runtime::new(unsafe { Backend::table("sim-spy", spy::table()) }).expect("spy runtime");
     let weights = weights_for(spec.shape);
     let expected = expected_bytes(&weights, spec.shape, spec.options);
 
@@ -269,7 +296,7 @@ fn sweep(spec: &FlowSpec) -> SweepResult {
     h.assert_clean();
     let at = |m: Mark, api: &str| marks.get(&m).and_then(|c| c.get(api)).copied().unwrap_or(0);
 
-    let mut result = SweepResult { covered: 0, returned_errors: 0, teardown_failures: 0 };
+    let mut result = SweepResult { covered: 0, returned_errors: 0, teardown_failures: 0, absorbed: 0 };
     for &api in sys::FUNCTION_NAMES {
         let count = totals.get(api).copied().unwrap_or(0);
         for n in 1..=count {
@@ -278,6 +305,7 @@ fn sweep(spec: &FlowSpec) -> SweepResult {
             let _ = spy::take();
             sim::reset_call_counts();
             assert!(sim::inject_fault(api, n, code), "{point}: not injectable");
+            let before = runtime.leaked();
             let outcome = catch_unwind(AssertUnwindSafe(|| run_flow(&runtime, spec, &weights, &mut |_| {})));
             sim::clear_faults();
             let outcome = outcome.unwrap_or_else(|p| panic!("{point}: panicked: {}", panic_text(&*p)));
@@ -285,6 +313,7 @@ fn sweep(spec: &FlowSpec) -> SweepResult {
             let log = spy::take();
             let (leaks, violations) = sim::take_reports();
             assert!(violations.is_empty(), "{point}: violations {violations:?}");
+            let explained = leaks_explained(&leaks, before, runtime.leaked());
 
             let teardown = n > at(Mark::Teardown, api);
             let in_op = spec.path == Path::Op && n > at(Mark::OpStart, api) && n <= at(Mark::OpEnd, api);
@@ -300,6 +329,7 @@ fn sweep(spec: &FlowSpec) -> SweepResult {
                     contexts: 0,
                     tensors: 0,
                     host_buffers: 0,
+                    events: 0,
                 };
                 match api {
                     "aclrtFree" => {
@@ -324,10 +354,12 @@ fn sweep(spec: &FlowSpec) -> SweepResult {
                         assert_eq!(leaks, vec![want], "{point}");
                     }
                     "aclDestroyTensor" => {
-                        // Tensor::drop retries a failed destroy once: nothing stays live.
+                        // Tensor::drop never retries a failed destroy (the library may have
+                        // released the descriptor before failing): it is leaked and counted.
                         assert!(leaks.is_empty(), "{point}: {leaks:?}");
                         assert_eq!(log.failed_destroys.len(), 1, "{point}: {log:?}");
-                        assert_eq!(sim::stats().live_tensors, 0, "{point}");
+                        assert_eq!(sim::stats().live_tensors, 1, "{point}");
+                        destroy_raw_tensor(&runtime, log.failed_destroys[0]);
                     }
                     "aclrtResetDevice" => {
                         // The device stays set (memory, streams and contexts are already gone);
@@ -337,13 +369,15 @@ fn sweep(spec: &FlowSpec) -> SweepResult {
                         reset_raw_device(&runtime);
                         assert_eq!(sim::stats().devices_in_use, 0, "{point}");
                     }
-                    _ => assert!(leaks.is_empty(), "{point}: {leaks:?}"),
+                    _ => assert!(explained, "{point}: unexplained leaks {leaks:?}, counted {:?}", runtime.leaked()),
                 }
+            } else if let Ok(bytes) = outcome {
+                assert!(ABSORBABLE_APIS.contains(&api), "{point}: a forward-path failure was swallowed");
+                assert_eq!(bytes, expected, "{point}: absorbed failure, bytes");
+                assert!(explained, "{point}: unexplained leaks {leaks:?}");
+                result.absorbed += 1;
             } else {
-                let e = match outcome {
-                    Ok(_) => panic!("{point}: a forward-path failure was swallowed"),
-                    Err(e) => e,
-                };
+                let Err(e) = outcome else { unreachable!("Ok handled above") };
                 if api == "aclrtMemcpy" && in_op {
                     // The operator copies through the runtime and reports its own status.
                     let op_error = matches!(
@@ -358,7 +392,7 @@ fn sweep(spec: &FlowSpec) -> SweepResult {
                         "{point}: expected an error of {api} ({code}), got {e:?}"
                     );
                 }
-                assert!(leaks.is_empty(), "{point}: a forward failure leaked {leaks:?}");
+                assert!(explained, "{point}: a forward failure leaked {leaks:?}");
                 result.returned_errors += 1;
             }
             h.assert_clean();
@@ -370,14 +404,22 @@ fn sweep(spec: &FlowSpec) -> SweepResult {
     drop(runtime);
     h.assert_clean();
     println!(
-        "fault sweep {}: {} injection points covered ({} returned typed errors, {} teardown failures absorbed)",
-        spec.name, result.covered, result.returned_errors, result.teardown_failures
+        "fault sweep {}: {} injection points covered ({} returned typed errors, {} teardown failures absorbed, \
+         {} forward failures absorbed by a fallback)",
+        spec.name, result.covered, result.returned_errors, result.teardown_failures, result.absorbed
     );
     let mut points: Vec<String> =
         sys::FUNCTION_NAMES.iter().filter_map(|api| totals.get(api).map(|n| format!("{api} x{n}"))).collect();
     points.sort();
     println!("  injection points per function: {}", points.join(", "));
     result
+}
+
+/// Releases a descriptor the safe layer leaked after a failed destroy, so later runs start clean.
+fn destroy_raw_tensor(runtime: &Runtime, tensor: usize) {
+    let f = runtime.api().aclDestroyTensor().expect("aclDestroyTensor");
+    // SAFETY: a live descriptor (its only destroy failed) that nothing refers to any more.
+    assert_eq!(unsafe { f(tensor as *const sys::aclTensor) }, 0);
 }
 
 fn reset_raw_device(runtime: &Runtime) {
@@ -449,15 +491,17 @@ fn fault_sweep_host_path_nz() {
     );
 }
 
-/// The requirement the sweep cannot assert today: after a failed `aclDestroyTensor` in
-/// `Tensor::drop`, nothing is live once every object is dropped.
+/// After a failed `aclDestroyTensor` in `Tensor::drop`, the descriptor is leaked and counted,
+/// never destroyed twice; nothing else stays live once every object is dropped.
 #[test]
-fn failed_destroy_tensor_in_drop_leaks_nothing() {
+fn failed_destroy_tensor_in_drop_is_counted_not_retried() {
     if !common::on_sim() {
         return;
     }
     let h = common::harness();
-    let runtime = Runtime::new(Backend::table("sim-spy", spy::table())).expect("spy runtime");
+    // SAFETY: the spy forwards every call to the simulator's entries unchanged and only records
+    // what went through, so it keeps the C API's contract as the simulator does.
+    let runtime = Runtime::new(unsafe { Backend::table("sim-spy", spy::table()) }).expect("spy runtime");
     let weights = weights_for(&[16, 64]);
     let _ = spy::take();
     assert!(sim::inject_fault("aclDestroyTensor", 1, 561_000));
@@ -468,9 +512,12 @@ fn failed_destroy_tensor_in_drop_leaks_nothing() {
     })();
     sim::clear_faults();
     let live = sim::stats().live_tensors;
-    assert_eq!(spy::take().failed_destroys.len(), 1, "the injected failure happened");
+    let failed = spy::take().failed_destroys;
+    assert_eq!(failed.len(), 1, "the injected failure happened");
     assert!(result.is_ok(), "{result:?}");
-    assert_eq!(live, 0, "a descriptor stayed live after every object was dropped");
+    assert_eq!(live, 1, "the descriptor whose destroy failed is leaked, not destroyed again");
+    assert_eq!(runtime.leaked().tensors, 1, "and counted");
+    destroy_raw_tensor(&runtime, failed[0]);
     h.assert_clean();
 }
 

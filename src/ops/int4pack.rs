@@ -14,6 +14,7 @@ use aclnn_sys as sys;
 use crate::error::{Error, Result, check_aclnn};
 use crate::kernels::{self, GroupOffset, NzGeometry, PackError};
 use crate::memory::DeviceBuffer;
+use crate::ordering::{self, Access};
 use crate::plan::Plan;
 use crate::soc::{ChipFamily, Container};
 use crate::stream::Stream;
@@ -356,25 +357,24 @@ pub fn convert_weight_to_int4_pack_plan<'t>(weight: &'t Tensor<'_>, pack: &'t mu
             format!("a buffer of at least {write} bytes"),
         ));
     }
-    // The operator copies synchronously and ignores streams: wait for queued work that writes
-    // the weight or still uses the output memory.
-    weight.stream().synchronize()?;
-    if pack.stream().raw() != weight.stream().raw() {
-        pack.stream().synchronize()?;
-    }
     let device = weight.stream().device().clone();
-    device.bind()?;
     let api = device.api();
     let phase1 = api.aclnnConvertWeightToINT4PackGetWorkspaceSize()?;
     let phase2 = api.aclnnConvertWeightToINT4Pack()?;
     // The operator never writes these; initialise them as the official example does.
     let mut workspace_size = 0u64;
     let mut executor: *mut sys::aclOpExecutor = std::ptr::null_mut();
-    // SAFETY: both descriptors are live for 't; `pack` is writable and its buffer holds every
-    // byte the operator writes (checked above); the out-pointers are valid.
-    let code = unsafe { phase1(weight.as_raw(), pack.as_raw(), &mut workspace_size, &mut executor) };
-    check_aclnn(api, "aclnnConvertWeightToINT4PackGetWorkspaceSize", code)?;
-    Ok(Plan::new("aclnnConvertWeightToINT4Pack", device, workspace_size, executor, phase2))
+    // The operator copies synchronously on the host and ignores streams: it is a host read of
+    // the weight and a host write of the pack, after every queued use of them has finished.
+    ordering::host_access(&[(weight.tracker(), Access::Read), (pack.tracker(), Access::Write)], || {
+        device.bind()?;
+        // SAFETY: both descriptors are live for 't; `pack` is writable and its buffer holds every
+        // byte the operator writes (checked above); no queued work uses either buffer (waited
+        // for above, under the trackers' locks); the out-pointers are valid.
+        let code = unsafe { phase1(weight.as_raw(), pack.as_raw(), &mut workspace_size, &mut executor) };
+        check_aclnn(api, "aclnnConvertWeightToINT4PackGetWorkspaceSize", code)
+    })?;
+    Ok(Plan::new("aclnnConvertWeightToINT4Pack", device, workspace_size, executor, phase2, &[weight], &[pack]))
 }
 
 /// Packs a device weight through the operator into a new device tensor.

@@ -95,17 +95,15 @@ impl<'a> WeightQuantMatmul<'a> {
             )
         };
         check_aclnn(api, "aclnnWeightQuantBatchMatmulV2GetWorkspaceSize", code)?;
-        Ok(Plan::new("aclnnWeightQuantBatchMatmulV2", device, workspace_size, executor, phase2))
+        let reads: Vec<&'p Tensor<'_>> = self.inputs().collect();
+        Ok(Plan::new("aclnnWeightQuantBatchMatmulV2", device, workspace_size, executor, phase2, &reads, &[y]))
     }
 
-    /// Both phases on `stream`. Inputs produced on other streams are synchronized first, so the
-    /// matmul never reads half-written data; the result is ready once `stream` is synchronized.
-    pub fn run(&self, y: &mut Tensor<'_>, stream: &Stream, workspace: &mut Workspace) -> Result<()> {
-        for t in self.inputs() {
-            if t.stream().raw() != stream.raw() {
-                t.stream().synchronize()?;
-            }
-        }
+    /// Both phases on `stream` (any stream of the tensors' device). Inputs written on other
+    /// streams are waited for on the device, so the matmul never reads half-written data, and
+    /// no operand (nor the workspace) is freed before it has run; the result is ready once
+    /// `stream` is synchronized, or for any later use of `y`'s buffer.
+    pub fn run(&self, y: &mut Tensor<'_>, stream: &Arc<Stream>, workspace: &mut Workspace) -> Result<()> {
         self.plan(y)?.launch(stream, workspace)
     }
 }

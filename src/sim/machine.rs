@@ -1,11 +1,13 @@
 //! The simulated machine: devices, device memory, contexts, streams, tensors and counters.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use aclnn_sys as sys;
 
+use super::sanitizer::{self, Access, Clock, Epoch, HOST, History};
+use super::tensor::SimTensor;
 use super::{SimConfig, SimError};
 
 /// First simulated device address. Above every user-space address on x86-64 and aarch64, so a
@@ -50,10 +52,12 @@ pub struct LeakReport {
     pub tensors: usize,
     /// Pinned host buffers not freed (reported by `aclFinalize`).
     pub host_buffers: usize,
+    /// Events not destroyed.
+    pub events: usize,
 }
 
 /// A snapshot of the machine, for tests and benchmarks.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct SimStats {
     /// Live device allocations.
     pub live_allocations: usize,
@@ -69,10 +73,16 @@ pub struct SimStats {
     pub live_host_buffers: usize,
     /// Operator executors from phase 1 never launched nor destroyed.
     pub live_executors: usize,
+    /// Live events.
+    pub live_events: usize,
     /// Devices currently held by `aclrtSetDevice`.
     pub devices_in_use: usize,
     /// Bytes moved per copy kind since the last [`reset_counters`].
     pub copies: CopyCounters,
+    /// Host synchronisations and device-side waits since the last [`reset_counters`].
+    pub sync: SyncCounters,
+    /// The host's position on the modelled timeline, in ms (see [`crate::sim`]'s timing model).
+    pub host_ms: f64,
     /// Leak reports since the last [`take_reports`].
     pub leaks: Vec<LeakReport>,
     /// Misuse the real runtime would not report but that corrupts data (freeing memory that
@@ -86,6 +96,12 @@ pub(crate) struct Allocation {
     pub data: Vec<u8>,
 }
 
+/// A live `aclrtMallocHost` buffer. `id` tells a buffer from a later one at the same address.
+pub(crate) struct HostBuffer {
+    pub layout: std::alloc::Layout,
+    pub id: u64,
+}
+
 pub(crate) struct Context {
     pub device: u32,
     pub user: bool,
@@ -96,26 +112,76 @@ pub(crate) struct Stream {
     pub context: u64,
     pub device: u32,
     pub user: bool,
-    pub queue: Vec<Task>,
+    pub queue: VecDeque<Queued>,
+    /// Sequence number of the last task queued (tasks are numbered from 1 per stream).
+    pub seq: u64,
+    /// Sequence number of the last task run.
+    pub executed: u64,
+    /// What this stream's next task is ordered after (see `sanitizer`).
+    pub clock: Clock,
+    /// Device timeline: when the last task run on this stream finished, in ms.
+    pub time_ms: f64,
+}
+
+impl Stream {
+    pub fn new(context: u64, device: u32, user: bool) -> Stream {
+        Stream { context, device, user, queue: VecDeque::new(), seq: 0, executed: 0, clock: Clock::new(), time_ms: 0.0 }
+    }
+}
+
+/// A task in a stream's queue.
+pub(crate) struct Queued {
+    pub seq: u64,
+    /// Host time at which it was queued: it cannot start earlier.
+    pub not_before: f64,
+    pub task: Task,
 }
 
 /// A simulated device kernel: runs on the machine when its stream is synchronized.
 pub(crate) type KernelFn = Box<dyn FnOnce(&mut Machine) -> Result<(), String> + Send>;
 
-/// Work queued on a stream; run by `aclrtSynchronizeStream`.
+/// Work queued on a stream; run when the stream (or an event after it) is synchronized.
 pub(crate) enum Task {
-    Copy {
-        dst: u64,
-        src: u64,
-        count: u64,
-        kind: sys::aclrtMemcpyKind,
-    },
-    /// An operator launch; `ranges` lists the device memory it reads or writes.
-    Kernel {
-        name: &'static str,
-        ranges: Vec<(u64, u64)>,
-        run: KernelFn,
-    },
+    /// `aclrtMemcpyAsync`. `host` names the pinned buffer (base, id) a host side lay in when the
+    /// copy was queued, so that a copy into a buffer freed since is caught, never performed.
+    Copy { dst: u64, src: u64, count: u64, kind: sys::aclrtMemcpyKind, host: Option<(u64, u64)> },
+    /// An operator launch with a modelled duration.
+    Kernel { name: &'static str, cost_ms: f64, run: KernelFn },
+    /// `aclrtRecordEvent`.
+    Record { event: u64 },
+    /// `aclrtStreamWaitEvent`: runs the recording stream up to the record `(stream, seq)` first.
+    Wait { event: u64, target: (u64, u64) },
+}
+
+/// A simulated `aclrtEvent`.
+pub(crate) struct SimEvent {
+    pub device: u32,
+    pub flags: u32,
+    pub record: Option<Record>,
+    /// Queued `Wait` tasks on this event that have not run: (stream, seq).
+    pub waiters: Vec<(u64, u64)>,
+}
+
+/// The last `aclrtRecordEvent` of an event.
+pub(crate) struct Record {
+    pub stream: u64,
+    pub seq: u64,
+    /// The recording stream's clock at the record.
+    pub clock: Clock,
+    /// When the record ran on the device timeline; `None` while it is queued.
+    pub done_ms: Option<f64>,
+}
+
+/// Host-side synchronisation, counted: what a pipeline costs the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SyncCounters {
+    /// Blocking host waits: `aclrtSynchronizeStream`, `aclrtSynchronizeDevice`,
+    /// `aclrtSynchronizeEvent`.
+    pub host_syncs: u64,
+    /// Device-side waits queued with `aclrtStreamWaitEvent` (no host block).
+    pub stream_waits: u64,
+    /// Events recorded.
+    pub records: u64,
 }
 
 #[derive(Default)]
@@ -133,16 +199,25 @@ pub(crate) struct Machine {
     pub devices: Vec<Device>,
     pub allocations: BTreeMap<u64, Allocation>,
     pub freed: BTreeMap<u64, u64>,
-    pub host_buffers: HashMap<usize, std::alloc::Layout>,
+    pub host_buffers: BTreeMap<u64, HostBuffer>,
     pub contexts: HashMap<u64, Context>,
     pub streams: HashMap<u64, Stream>,
-    pub tensors: HashSet<usize>,
+    /// Tensor descriptors by handle, kept inside the machine (behind its lock).
+    pub tensors: HashMap<u64, SimTensor>,
+    pub events: HashMap<u64, SimEvent>,
     /// Executors handed out by phase 1 and not yet launched or destroyed, by handle.
     pub executors: HashMap<u64, Box<dyn std::any::Any + Send>>,
     pub next_handle: u64,
     pub counters: CopyCounters,
+    pub sync: SyncCounters,
     pub leaks: Vec<LeakReport>,
     pub violations: Vec<String>,
+    /// What the host has seen finish (see `sanitizer`).
+    pub host_clock: Clock,
+    /// Access history per allocation (device base address or pinned host base address).
+    pub history: HashMap<u64, History>,
+    /// Host timeline in ms: advanced by synchronous copies and by waiting for the device.
+    pub host_ms: f64,
 }
 
 static MACHINE: Mutex<Option<Machine>> = Mutex::new(None);
@@ -174,6 +249,21 @@ pub(crate) fn set_current_context(handle: u64) {
     CURRENT.with(|c| c.set(handle));
 }
 
+/// Modelled bandwidths (bytes per ms) of the timing model.
+const PCIE_BYTES_PER_MS: f64 = 25.0e6;
+const HBM_BYTES_PER_MS: f64 = 800.0e6;
+const HOST_BYTES_PER_MS: f64 = 10.0e6;
+
+/// Modelled duration of a copy of `count` bytes of `kind`.
+fn copy_ms(count: u64, dst: u64, src: u64) -> f64 {
+    let rate = match (Machine::is_device_address(dst), Machine::is_device_address(src)) {
+        (true, true) => HBM_BYTES_PER_MS,
+        (false, false) => HOST_BYTES_PER_MS,
+        _ => PCIE_BYTES_PER_MS,
+    };
+    count as f64 / rate
+}
+
 impl Machine {
     fn new(config: SimConfig) -> Machine {
         let soc_cstr = intern(&config.soc_name);
@@ -185,15 +275,20 @@ impl Machine {
             devices,
             allocations: BTreeMap::new(),
             freed: BTreeMap::new(),
-            host_buffers: HashMap::new(),
+            host_buffers: BTreeMap::new(),
             contexts: HashMap::new(),
             streams: HashMap::new(),
-            tensors: HashSet::new(),
+            tensors: HashMap::new(),
+            events: HashMap::new(),
             executors: HashMap::new(),
             next_handle: HANDLE_BASE,
             counters: CopyCounters::default(),
+            sync: SyncCounters::default(),
             leaks: Vec::new(),
             violations: Vec::new(),
+            host_clock: Clock::new(),
+            history: HashMap::new(),
+            host_ms: 0.0,
         }
     }
 
@@ -202,6 +297,7 @@ impl Machine {
             && self.allocations.is_empty()
             && self.streams.is_empty()
             && self.contexts.is_empty()
+            && self.events.is_empty()
     }
 
     pub fn new_handle(&mut self) -> u64 {
@@ -250,6 +346,72 @@ impl Machine {
         format!("address {addr:#x} is not inside any live device allocation")
     }
 
+    /// The live pinned host buffer holding `addr`: (base, id).
+    pub fn host_buffer_at(&self, addr: u64) -> Option<(u64, u64)> {
+        let (&base, buf) = self.host_buffers.range(..=addr).next_back()?;
+        (addr - base < buf.layout.size() as u64).then_some((base, buf.id))
+    }
+
+    /// The tracked memory `addr` lies in (a device allocation or a pinned host buffer): its key
+    /// in `history` and a name for messages.
+    fn memory_key(&self, addr: u64) -> Option<(u64, String)> {
+        if Self::is_device_address(addr) {
+            let (base, _) = self.locate(addr, 0).ok()?;
+            Some((base, format!("device memory at {base:#x}")))
+        } else {
+            let (base, _) = self.host_buffer_at(addr)?;
+            Some((base, format!("pinned host memory at {base:#x}")))
+        }
+    }
+
+    /// Records an access by `agent` (at `seq`, ordered after `clock`) and reports conflicts.
+    fn track(&mut self, agent: u64, seq: u64, clock: &Clock, addr: u64, access: Access, api: &'static str) {
+        let Some((key, what)) = self.memory_key(addr) else { return };
+        let epoch = Epoch { agent, seq, api, access };
+        let conflicts = self.history.entry(key).or_default().access(epoch, clock, &what);
+        self.violations.extend(conflicts);
+    }
+
+    /// A synchronous access by the host (`aclrtMemcpy`, `aclrtMemset`, operators' own copies).
+    pub fn host_access(&mut self, addr: u64, access: Access, api: &'static str) {
+        let seq = self.host_clock.get(&HOST).copied().unwrap_or(0) + 1;
+        self.host_clock.insert(HOST, seq);
+        let clock = self.host_clock.clone();
+        self.track(HOST, seq, &clock, addr, access, api);
+    }
+
+    /// Queues `task` on `stream` and checks its accesses `(address, kind)` against every earlier
+    /// access of the same memory. Returns the task's sequence number.
+    pub fn enqueue(&mut self, stream: u64, task: Task, accesses: &[(u64, Access)], api: &'static str) -> u64 {
+        let host = self.host_clock.clone();
+        let not_before = self.host_ms;
+        let Some(s) = self.streams.get_mut(&stream) else { return 0 };
+        sanitizer::join(&mut s.clock, &host);
+        s.seq += 1;
+        let seq = s.seq;
+        s.clock.insert(stream, seq);
+        let clock = s.clock.clone();
+        s.queue.push_back(Queued { seq, not_before, task });
+        for (addr, access) in accesses {
+            self.track(stream, seq, &clock, *addr, *access, api);
+        }
+        seq
+    }
+
+    /// Checks that every access to the memory at `key` has finished as far as the host knows,
+    /// before `api` releases it; forgets its history.
+    fn release_history(&mut self, key: u64, what: &str, api: &str) {
+        let Some(history) = self.history.remove(&key) else { return };
+        for e in history.unfinished(&self.host_clock) {
+            self.violations.push(format!(
+                "{api} releases {what} while {} queued on {} may still use it (synchronize that stream, or an \
+                 event recorded after the work, before freeing)",
+                e.api,
+                sanitizer::agent_name(e.agent)
+            ));
+        }
+    }
+
     pub fn bytes(&self, base: u64) -> &[u8] {
         &self.allocations[&base].data
     }
@@ -286,37 +448,137 @@ impl Machine {
         };
         self.devices[alloc.device as usize].used -= alloc.data.len() as u64;
         self.freed.insert(addr, alloc.size);
-        for (handle, stream) in &self.streams {
-            if stream.queue.iter().any(|t| t.touches(addr, alloc.data.len() as u64)) {
-                self.violations.push(format!(
-                    "aclrtFree({addr:#x}) while stream {handle:#x} still has queued work using it \
-                     (synchronize the stream before freeing)"
-                ));
-            }
-        }
+        self.release_history(addr, &format!("device memory at {addr:#x}"), &format!("aclrtFree({addr:#x})"));
         Ok(())
     }
 
-    /// Runs (in order) and empties the queue of `stream`; the first failure is returned.
-    pub fn run_queue(&mut self, stream: u64) -> Result<(), String> {
-        let tasks = match self.streams.get_mut(&stream) {
-            Some(s) => std::mem::take(&mut s.queue),
-            None => return Ok(()),
-        };
+    /// Registers a new pinned host buffer.
+    pub fn add_host_buffer(&mut self, ptr: u64, layout: std::alloc::Layout) {
+        let id = self.new_handle();
+        self.history.remove(&ptr);
+        self.host_buffers.insert(ptr, HostBuffer { layout, id });
+    }
+
+    /// Unregisters a pinned host buffer (the caller deallocates it), checking its history.
+    pub fn remove_host_buffer(&mut self, ptr: u64) -> Option<std::alloc::Layout> {
+        let buf = self.host_buffers.remove(&ptr)?;
+        self.release_history(ptr, &format!("pinned host memory at {ptr:#x}"), &format!("aclrtFreeHost({ptr:#x})"));
+        Some(buf.layout)
+    }
+
+    /// Runs the tasks of `stream` with sequence numbers up to `limit`, in order (and, for event
+    /// waits, the recording stream's tasks up to the record). The first failure is returned;
+    /// every failure is also recorded as a violation.
+    pub fn run_until(&mut self, stream: u64, limit: u64) -> Result<(), String> {
         let mut result = Ok(());
-        for task in tasks {
-            let r = match task {
-                // SAFETY: host pointers of queued copies were supplied to aclrtMemcpyAsync, whose
-                // contract (as on hardware) requires them to stay valid until the stream is
-                // synchronized.
-                Task::Copy { dst, src, count, kind } => unsafe { self.copy(dst, src, count, kind) },
-                Task::Kernel { name, run, .. } => run(self).map_err(|e| format!("{name}: {e}")),
+        loop {
+            let next = match self.streams.get_mut(&stream) {
+                Some(s) if s.queue.front().is_some_and(|q| q.seq <= limit) => s.queue.pop_front(),
+                _ => None,
             };
-            if let Err(e) = r {
+            let Some(queued) = next else { break };
+            if let Err(e) = self.execute(stream, queued) {
                 self.violations.push(format!("queued work on stream {stream:#x} failed: {e}"));
                 if result.is_ok() {
                     result = Err(e);
                 }
+            }
+        }
+        result
+    }
+
+    fn execute(&mut self, stream: u64, queued: Queued) -> Result<(), String> {
+        let Queued { seq, not_before, task } = queued;
+        let start = self.streams.get(&stream).map_or(0.0, |s| s.time_ms.max(not_before));
+        let mut end = start;
+        let mut result = Ok(());
+        match task {
+            Task::Copy { dst, src, count, kind, host } => {
+                end += copy_ms(count, dst, src);
+                if let Some((base, id)) = host
+                    && self.host_buffers.get(&base).map(|b| b.id) != Some(id)
+                {
+                    self.violations.push(format!(
+                        "queued aclrtMemcpyAsync of {count} bytes touches pinned host memory at {base:#x} that was \
+                         freed after the copy was queued (the copy was not performed)"
+                    ));
+                } else {
+                    // SAFETY: the host side is a live pinned buffer (the same one as when the copy
+                    // was queued, checked above) or pageable memory that the caller of
+                    // aclrtMemcpyAsync keeps valid until the stream is synchronized, as the C API
+                    // requires.
+                    result = unsafe { self.copy(dst, src, count, kind) };
+                }
+            }
+            Task::Kernel { name, cost_ms, run } => {
+                end += cost_ms;
+                result = run(self).map_err(|e| format!("{name}: {e}"));
+            }
+            Task::Record { event } => {
+                if let Some(r) = self.events.get_mut(&event).and_then(|e| e.record.as_mut())
+                    && r.stream == stream
+                    && r.seq == seq
+                {
+                    r.done_ms = Some(start);
+                }
+            }
+            Task::Wait { event, target: (target, target_seq) } => {
+                if target != stream
+                    && self.streams.get(&target).is_some_and(|t| t.executed < target_seq)
+                    && let Err(e) = self.run_until(target, target_seq)
+                {
+                    result = Err(e);
+                }
+                let recorded = self
+                    .events
+                    .get(&event)
+                    .and_then(|e| e.record.as_ref())
+                    .filter(|r| r.stream == target && r.seq == target_seq)
+                    .and_then(|r| r.done_ms);
+                let ready = recorded.or_else(|| self.streams.get(&target).map(|t| t.time_ms)).unwrap_or(start);
+                end = start.max(ready);
+                if let Some(e) = self.events.get_mut(&event) {
+                    e.waiters.retain(|w| *w != (stream, seq));
+                }
+            }
+        }
+        if let Some(s) = self.streams.get_mut(&stream) {
+            s.executed = seq;
+            s.time_ms = end;
+        }
+        result
+    }
+
+    /// A host wait for all of `stream`'s queued work.
+    pub fn synchronize_stream(&mut self, stream: u64) -> Result<(), String> {
+        self.sync.host_syncs += 1;
+        let result = self.run_until(stream, u64::MAX);
+        if let Some(s) = self.streams.get(&stream) {
+            let (clock, time) = (s.clock.clone(), s.time_ms);
+            sanitizer::join(&mut self.host_clock, &clock);
+            self.host_ms = self.host_ms.max(time);
+        }
+        result
+    }
+
+    /// Runs an event's last record (and what it is ordered after), so that the event has
+    /// completed; the host learns what the record orders after. An event never recorded is
+    /// complete already.
+    pub fn complete_event(&mut self, event: u64) -> Result<(), String> {
+        let Some((stream, seq)) = self.events.get(&event).and_then(|e| e.record.as_ref()).map(|r| (r.stream, r.seq))
+        else {
+            return Ok(());
+        };
+        let result = if self.streams.get(&stream).is_some_and(|s| s.executed < seq) {
+            self.run_until(stream, seq)
+        } else {
+            Ok(())
+        };
+        if let Some(r) = self.events.get(&event).and_then(|e| e.record.as_ref()) {
+            let (clock, done) = (r.clock.clone(), r.done_ms);
+            sanitizer::join(&mut self.host_clock, &clock);
+            if let Some(t) = done {
+                self.host_ms = self.host_ms.max(t);
             }
         }
         result
@@ -376,6 +638,26 @@ impl Machine {
         Ok(())
     }
 
+    /// A synchronous copy by the host: tracked by the sanitizer, timed, and performed.
+    ///
+    /// # Safety
+    /// Host sides must be valid for `count` bytes.
+    pub unsafe fn host_copy(
+        &mut self,
+        dst: u64,
+        src: u64,
+        count: u64,
+        kind: sys::aclrtMemcpyKind,
+        api: &'static str,
+    ) -> Result<(), String> {
+        self.check_copy(dst, src, count, kind)?;
+        self.host_access(src, Access::Read, api);
+        self.host_access(dst, Access::Write, api);
+        self.host_ms += copy_ms(count, dst, src);
+        // SAFETY: forwarded caller contract.
+        unsafe { self.copy(dst, src, count, kind) }
+    }
+
     /// Reads `len` bytes of device memory at `addr`.
     pub fn read(&self, addr: u64, len: u64) -> Result<Vec<u8>, String> {
         if len == 0 {
@@ -400,6 +682,7 @@ impl Machine {
             return Err(format!("aclrtMemset target {dst:#x} is not device memory"));
         }
         let (base, off) = self.locate(dst, count)?;
+        self.host_access(dst, Access::Write, "aclrtMemset");
         self.bytes_mut(base)[off as usize..(off + count) as usize].fill(value);
         Ok(())
     }
@@ -407,7 +690,7 @@ impl Machine {
     /// Releases everything on `device` and reports what was still alive.
     pub fn reset_device(&mut self, device: u32, at: String) {
         let mut report =
-            LeakReport { at, allocations: Vec::new(), streams: 0, contexts: 0, tensors: 0, host_buffers: 0 };
+            LeakReport { at, allocations: Vec::new(), streams: 0, contexts: 0, tensors: 0, host_buffers: 0, events: 0 };
         let streams: Vec<u64> = self.streams.iter().filter(|(_, s)| s.device == device).map(|(h, _)| *h).collect();
         for h in streams {
             let s = self.streams.remove(&h).expect("listed above");
@@ -422,29 +705,25 @@ impl Machine {
                 report.contexts += 1;
             }
         }
+        let events: Vec<u64> = self.events.iter().filter(|(_, e)| e.device == device).map(|(h, _)| *h).collect();
+        report.events = events.len();
+        for h in events {
+            self.events.remove(&h);
+        }
         let allocs: Vec<u64> =
             self.allocations.iter().filter(|(_, a)| a.device == device).map(|(addr, _)| *addr).collect();
         for addr in allocs {
             let a = self.allocations.remove(&addr).expect("listed above");
             report.allocations.push((addr, a.size));
             self.freed.insert(addr, a.size);
+            self.history.remove(&addr);
         }
         let dev = &mut self.devices[device as usize];
         dev.used = 0;
         dev.default_context = None;
         dev.set_count = 0;
-        if !report.allocations.is_empty() || report.streams > 0 || report.contexts > 0 {
+        if !report.allocations.is_empty() || report.streams > 0 || report.contexts > 0 || report.events > 0 {
             self.leaks.push(report);
-        }
-    }
-}
-
-impl Task {
-    fn touches(&self, base: u64, len: u64) -> bool {
-        let within = |a: u64| a >= base && a < base + len;
-        match self {
-            Task::Copy { dst, src, .. } => within(*dst) || within(*src),
-            Task::Kernel { ranges, .. } => ranges.iter().any(|(a, n)| *a < base + len && base < a + n),
         }
     }
 }
@@ -502,12 +781,15 @@ pub(crate) fn configure(config: SimConfig) -> Result<(), SimError> {
         let tensors = std::mem::take(&mut m.tensors);
         let executors = std::mem::take(&mut m.executors);
         let host = std::mem::take(&mut m.host_buffers);
+        let (history, host_clock, next_handle) =
+            (std::mem::take(&mut m.history), std::mem::take(&mut m.host_clock), m.next_handle);
         *m = Machine::new(config);
         m.initialized = initialized;
         (m.leaks, m.violations, m.counters) = keep;
         m.tensors = tensors;
         m.executors = executors;
         m.host_buffers = host;
+        (m.history, m.host_clock, m.next_handle) = (history, host_clock, next_handle);
         Ok(())
     })
 }
@@ -522,8 +804,11 @@ pub fn stats() -> SimStats {
         live_tensors: m.tensors.len(),
         live_host_buffers: m.host_buffers.len(),
         live_executors: m.executors.len(),
+        live_events: m.events.len(),
         devices_in_use: m.devices.iter().filter(|d| d.set_count > 0).count(),
         copies: m.counters,
+        sync: m.sync,
+        host_ms: m.host_ms,
         leaks: m.leaks.clone(),
         violations: m.violations.clone(),
     })
@@ -534,7 +819,10 @@ pub fn take_reports() -> (Vec<LeakReport>, Vec<String>) {
     with(|m| (std::mem::take(&mut m.leaks), std::mem::take(&mut m.violations)))
 }
 
-/// Zeroes the copy counters.
+/// Zeroes the copy and synchronisation counters.
 pub fn reset_counters() {
-    with(|m| m.counters = CopyCounters::default());
+    with(|m| {
+        m.counters = CopyCounters::default();
+        m.sync = SyncCounters::default();
+    });
 }

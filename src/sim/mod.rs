@@ -12,17 +12,19 @@
 //! it is idle and returns its function table.
 
 mod errmsg;
+mod event;
 mod faults;
 mod int4pack;
 mod machine;
 mod runtime;
+mod sanitizer;
 mod tensor;
 mod wqbmm;
 
 use aclnn_sys::FunctionTable;
 
 pub use faults::{call_counts, clear_faults, inject_fault, reset_call_counts};
-pub use machine::{CopyCounters, LeakReport, SimStats, reset_counters, stats, take_reports};
+pub use machine::{CopyCounters, LeakReport, SimStats, SyncCounters, reset_counters, stats, take_reports};
 
 /// SoC name of an Atlas A2 part (Ascend 910B, NZ C0 = 32 bytes).
 pub const SOC_A2: &str = "Ascend910B3";

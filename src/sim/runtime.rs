@@ -5,6 +5,7 @@ use std::ffi::{c_char, c_void};
 use aclnn_sys::{self as sys, FunctionTable, aclError};
 
 use super::machine::{self, Context, Machine, Stream, Task, current_context, set_current_context};
+use super::sanitizer::Access;
 use super::{errmsg, faults};
 
 /// Common prologue of every simulated function: fault injection, then the body with panics
@@ -27,7 +28,7 @@ macro_rules! entry {
 pub(crate) use entry;
 
 /// Records `text` for `aclGetRecentErrMsg` and returns `code`.
-fn fail(api: &str, code: i32, text: impl AsRef<str>) -> aclError {
+pub(crate) fn fail(api: &str, code: i32, text: impl AsRef<str>) -> aclError {
     errmsg::runtime(api, code, text.as_ref());
     code
 }
@@ -49,6 +50,7 @@ pub(super) fn fill(t: &mut FunctionTable) {
     t.aclrtCreateStream = Some(create_stream);
     t.aclrtDestroyStream = Some(destroy_stream);
     t.aclrtSynchronizeStream = Some(synchronize_stream);
+    super::event::fill(t);
     t.aclrtMalloc = Some(malloc);
     t.aclrtFree = Some(free);
     t.aclrtMallocHost = Some(malloc_host);
@@ -89,6 +91,7 @@ unsafe extern "C" fn acl_finalize() -> aclError {
                     contexts: 0,
                     tensors: m.tensors.len(),
                     host_buffers: m.host_buffers.len(),
+                    events: 0,
                 });
             }
             m.initialized = false;
@@ -148,7 +151,7 @@ fn device_index(m: &Machine, api: &str, id: i32) -> Result<u32, aclError> {
 fn new_context(m: &mut Machine, device: u32, user: bool) -> u64 {
     let handle = m.new_handle();
     let stream = m.new_handle();
-    m.streams.insert(stream, Stream { context: handle, device, user: false, queue: Vec::new() });
+    m.streams.insert(stream, Stream::new(handle, device, false));
     m.contexts.insert(handle, Context { device, user, default_stream: stream });
     handle
 }
@@ -229,11 +232,13 @@ unsafe extern "C" fn get_device_count(out: *mut u32) -> aclError {
 fn sync_streams(m: &mut Machine, api: &str, filter: impl Fn(&Stream) -> bool) -> aclError {
     let handles: Vec<u64> = m.streams.iter().filter(|(_, s)| filter(s)).map(|(h, _)| *h).collect();
     let mut code = sys::ACL_SUCCESS;
+    let syncs = m.sync.host_syncs;
     for h in handles {
-        if let Err(e) = m.run_queue(h) {
+        if let Err(e) = m.synchronize_stream(h) {
             code = fail(api, sys::ACL_ERROR_RT_DEVICE_MEM_ERROR, e);
         }
     }
+    m.sync.host_syncs = syncs + 1; // one host wait, however many streams it covered
     code
 }
 
@@ -306,6 +311,7 @@ unsafe extern "C" fn destroy_context(ctx: sys::aclrtContext) -> aclError {
                     contexts: 0,
                     tensors: 0,
                     host_buffers: 0,
+                    events: 0,
                 });
             }
             if current_context() == h {
@@ -364,7 +370,7 @@ unsafe extern "C" fn create_stream(out: *mut sys::aclrtStream) -> aclError {
             };
             let device = c.device;
             let h = m.new_handle();
-            m.streams.insert(h, Stream { context: ctx, device, user: true, queue: Vec::new() });
+            m.streams.insert(h, Stream::new(ctx, device, true));
             // SAFETY: checked non-null.
             unsafe { *out = h as usize as *mut c_void };
             sys::ACL_SUCCESS
@@ -373,7 +379,7 @@ unsafe extern "C" fn create_stream(out: *mut sys::aclrtStream) -> aclError {
 }
 
 /// The stream a handle names; null means the current context's default stream.
-fn resolve_stream(m: &Machine, api: &str, stream: sys::aclrtStream) -> Result<u64, aclError> {
+pub(crate) fn resolve_stream(m: &Machine, api: &str, stream: sys::aclrtStream) -> Result<u64, aclError> {
     if stream.is_null() {
         return match m.context() {
             Some((_, c)) => Ok(c.default_stream),
@@ -430,7 +436,7 @@ unsafe extern "C" fn synchronize_stream(stream: sys::aclrtStream) -> aclError {
                 Ok(h) => h,
                 Err(c) => return c,
             };
-            match m.run_queue(h) {
+            match m.synchronize_stream(h) {
                 Ok(()) => sys::ACL_SUCCESS,
                 Err(e) => fail("aclrtSynchronizeStream", sys::ACL_ERROR_RT_DEVICE_MEM_ERROR, e),
             }
@@ -511,7 +517,7 @@ unsafe extern "C" fn malloc_host(out: *mut *mut c_void, size: usize) -> aclError
         if p.is_null() {
             return fail("aclrtMallocHost", sys::ACL_ERROR_BAD_ALLOC, "host allocation failed");
         }
-        machine::with(|m| m.host_buffers.insert(p as usize, layout));
+        machine::with(|m| m.add_host_buffer(p as usize as u64, layout));
         // SAFETY: checked non-null.
         unsafe { *out = p.cast() };
         sys::ACL_SUCCESS
@@ -523,7 +529,7 @@ unsafe extern "C" fn free_host(ptr: *mut c_void) -> aclError {
         if ptr.is_null() {
             return fail("aclrtFreeHost", sys::ACL_ERROR_INVALID_PARAM, "hostPtr is null");
         }
-        match machine::with(|m| m.host_buffers.remove(&(ptr as usize))) {
+        match machine::with(|m| m.remove_host_buffer(ptr as usize as u64)) {
             Some(layout) => {
                 // SAFETY: allocated by `malloc_host` with this layout and removed from the
                 // registry, so it is freed exactly once.
@@ -582,7 +588,7 @@ pub(crate) unsafe extern "C" fn memcpy(
                 return c;
             }
             // SAFETY: the caller of aclrtMemcpy guarantees host sides are valid for `count`.
-            match unsafe { m.copy(dst as usize as u64, src as usize as u64, count as u64, kind) } {
+            match unsafe { m.host_copy(dst as usize as u64, src as usize as u64, count as u64, kind, "aclrtMemcpy") } {
                 Ok(()) => sys::ACL_SUCCESS,
                 Err(e) => fail("aclrtMemcpy", sys::ACL_ERROR_RT_PARAM_INVALID, e),
             }
@@ -610,8 +616,11 @@ unsafe extern "C" fn memcpy_async(
                 Ok(h) => h,
                 Err(c) => return c,
             };
-            let task = Task::Copy { dst: dst as usize as u64, src: src as usize as u64, count: count as u64, kind };
-            m.streams.get_mut(&h).expect("resolved above").queue.push(task);
+            let (dst, src) = (dst as usize as u64, src as usize as u64);
+            let host =
+                [dst, src].into_iter().find(|a| !Machine::is_device_address(*a)).and_then(|a| m.host_buffer_at(a));
+            let task = Task::Copy { dst, src, count: count as u64, kind, host };
+            m.enqueue(h, task, &[(src, Access::Read), (dst, Access::Write)], "aclrtMemcpyAsync");
             sys::ACL_SUCCESS
         })
     })

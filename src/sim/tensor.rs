@@ -149,21 +149,20 @@ unsafe extern "C" fn create_tensor(
         errmsg::aclnn_param("aclCreateTensor: viewDims or storageDims is null with a non-zero count");
         return std::ptr::null_mut();
     };
-    let ptr = Box::into_raw(Box::new(tensor));
-    machine::with(|m| m.tensors.insert(ptr as usize));
-    ptr.cast()
+    // The descriptor lives inside the machine, behind its lock; the handle is only a key, never
+    // dereferenced, so two threads using one descriptor at once cannot alias it.
+    let handle = machine::with(|m| {
+        let h = m.new_handle();
+        m.tensors.insert(h, tensor);
+        h
+    });
+    handle as usize as *mut aclTensor
 }
 
-/// Runs `f` on a live simulated tensor; `None` if `ptr` is not one (never dereferenced then).
+/// Runs `f` on a live simulated tensor, under the machine's lock (so `f` must not lock it
+/// again); `None` if `ptr` is not one.
 pub(crate) fn with_tensor<R>(ptr: *const aclTensor, f: impl FnOnce(&mut SimTensor) -> R) -> Option<R> {
-    let live = machine::with(|m| m.tensors.contains(&(ptr as usize)));
-    if !live {
-        return None;
-    }
-    // SAFETY: `ptr` is in the live registry, so it came from `Box::into_raw` in
-    // `create_tensor` and has not been destroyed; descriptors are not shared across threads
-    // while an operator runs on them (the C API's contract).
-    Some(f(unsafe { &mut *(ptr as *mut SimTensor) }))
+    machine::with(|m| m.tensors.get_mut(&(ptr as usize as u64)).map(f))
 }
 
 unsafe extern "C" fn init_tensor(
@@ -205,13 +204,10 @@ unsafe extern "C" fn destroy_tensor(tensor: *const aclTensor) -> aclnnStatus {
         if tensor.is_null() {
             return sys::ACLNN_SUCCESS;
         }
-        if !machine::with(|m| m.tensors.remove(&(tensor as usize))) {
+        if machine::with(|m| m.tensors.remove(&(tensor as usize as u64))).is_none() {
             errmsg::aclnn_param("aclDestroyTensor: the tensor is not a live descriptor (double destroy?)");
             return sys::ACLNN_ERR_PARAM_INVALID;
         }
-        // SAFETY: it was live (now removed from the registry), so it came from
-        // `Box::into_raw` and is dropped exactly once.
-        drop(unsafe { Box::from_raw(tensor as *mut SimTensor) });
         sys::ACLNN_SUCCESS
     })
 }

@@ -17,6 +17,7 @@ use half::{bf16, f16};
 
 use super::machine::{self, Machine, Task};
 use super::runtime::{entry, stream_handle};
+use super::sanitizer::Access;
 use super::tensor::tensor_span;
 use super::tensor::{SimTensor, with_tensor};
 use super::{errmsg, faults};
@@ -450,19 +451,27 @@ unsafe extern "C" fn launch(
                 Some(h) => h,
                 None => return param(sys::ACLNN_ERR_PARAM_INVALID, "stream is not a live stream"),
             };
-            let mut ranges: Vec<(u64, u64)> =
-                [&job.x, &job.weight, &job.scale, &job.y].iter().map(|t| tensor_span(t)).collect();
-            ranges.extend(job.offset.iter().map(tensor_span));
-            ranges.extend(job.bias.iter().map(|(b, _)| tensor_span(b)));
+            let mut accesses: Vec<(u64, Access)> = [&job.x, &job.weight, &job.scale]
+                .into_iter()
+                .chain(job.offset.iter())
+                .chain(job.bias.iter().map(|(b, _)| b))
+                .map(|t| (tensor_span(t).0, Access::Read))
+                .collect();
+            accesses.push((tensor_span(&job.y).0, Access::Write));
             if job.workspace > 0 {
-                ranges.push((ws, job.workspace));
+                accesses.push((ws, Access::Write));
             }
+            // Modelled duration: the matmul at 250 TFLOP/s, or its operands at 1.6 TB/s.
+            let flops = 2.0 * job.m as f64 * job.n as f64 * job.k as f64;
+            let bytes: u64 = [&job.x, &job.weight, &job.scale, &job.y].iter().map(|t| tensor_span(t).1).sum();
+            let cost_ms = (flops / 250.0e9).max(bytes as f64 / 1.6e9);
             let run = Box::new(move |m: &mut Machine| job.execute(m, ws));
-            m.streams.get_mut(&h).expect("resolved above").queue.push(Task::Kernel {
-                name: "WeightQuantBatchMatmulV2",
-                ranges,
-                run,
-            });
+            m.enqueue(
+                h,
+                Task::Kernel { name: "WeightQuantBatchMatmulV2", cost_ms, run },
+                &accesses,
+                "aclnnWeightQuantBatchMatmulV2",
+            );
             sys::ACLNN_SUCCESS
         })
     })

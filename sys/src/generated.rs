@@ -31,6 +31,9 @@ pub const ACL_ERROR_RT_STREAM_SYNC_TIMEOUT: i32 = 507046;
 pub const ACL_ERROR_RT_COPY_DATA: i32 = 507052;
 pub const ACL_ERROR_RT_DEVICE_MEM_ERROR: i32 = 507053;
 pub const ACL_ERROR_RT_DRV_INTERNAL_ERROR: i32 = 507899;
+pub const ACL_EVENT_SYNC: i32 = 1;
+pub const ACL_EVENT_CAPTURE_STREAM_PROGRESS: i32 = 2;
+pub const ACL_EVENT_TIME_LINE: i32 = 8;
 pub const ACLNN_SUCCESS: i32 = 0;
 pub const ACLNN_ERR_PARAM_NULLPTR: i32 = 161001;
 pub const ACLNN_ERR_PARAM_INVALID: i32 = 161002;
@@ -184,6 +187,13 @@ pub const ACL_FORMAT_FRACTAL_NZ_C0_2: aclFormat = 52;
 pub const ACL_FORMAT_FRACTAL_NZ_C0_4: aclFormat = 53;
 pub const ACL_FORMAT_FRACTAL_NZ_C0_8: aclFormat = 54;
 pub type aclFormat = ::std::os::raw::c_int;
+pub const ACL_EVENT_RECORDED_STATUS_NOT_READY: aclrtEventRecordedStatus = 0;
+pub const ACL_EVENT_RECORDED_STATUS_COMPLETE: aclrtEventRecordedStatus = 1;
+pub type aclrtEventRecordedStatus = ::std::os::raw::c_uint;
+pub const ACL_EVENT_WAIT_STATUS_COMPLETE: aclrtEventWaitStatus = 0;
+pub const ACL_EVENT_WAIT_STATUS_NOT_READY: aclrtEventWaitStatus = 1;
+pub const ACL_EVENT_WAIT_STATUS_RESERVED: aclrtEventWaitStatus = 65535;
+pub type aclrtEventWaitStatus = ::std::os::raw::c_uint;
 pub const ACL_MEMCPY_HOST_TO_HOST: aclrtMemcpyKind = 0;
 pub const ACL_MEMCPY_HOST_TO_DEVICE: aclrtMemcpyKind = 1;
 pub const ACL_MEMCPY_DEVICE_TO_HOST: aclrtMemcpyKind = 2;
@@ -265,6 +275,42 @@ pub mod pfn {
     pub type aclrtDestroyStream = unsafe extern "C" fn(stream: aclrtStream) -> aclError;
     pub type aclrtSynchronizeStream = unsafe extern "C" fn(
         stream: aclrtStream,
+    ) -> aclError;
+    pub type aclrtCreateEvent = unsafe extern "C" fn(event: *mut aclrtEvent) -> aclError;
+    pub type aclrtCreateEventWithFlag = unsafe extern "C" fn(
+        event: *mut aclrtEvent,
+        flag: u32,
+    ) -> aclError;
+    pub type aclrtCreateEventExWithFlag = unsafe extern "C" fn(
+        event: *mut aclrtEvent,
+        flag: u32,
+    ) -> aclError;
+    pub type aclrtDestroyEvent = unsafe extern "C" fn(event: aclrtEvent) -> aclError;
+    pub type aclrtRecordEvent = unsafe extern "C" fn(
+        event: aclrtEvent,
+        stream: aclrtStream,
+    ) -> aclError;
+    pub type aclrtResetEvent = unsafe extern "C" fn(
+        event: aclrtEvent,
+        stream: aclrtStream,
+    ) -> aclError;
+    pub type aclrtQueryEventStatus = unsafe extern "C" fn(
+        event: aclrtEvent,
+        status: *mut aclrtEventRecordedStatus,
+    ) -> aclError;
+    pub type aclrtQueryEventWaitStatus = unsafe extern "C" fn(
+        event: aclrtEvent,
+        status: *mut aclrtEventWaitStatus,
+    ) -> aclError;
+    pub type aclrtSynchronizeEvent = unsafe extern "C" fn(event: aclrtEvent) -> aclError;
+    pub type aclrtEventElapsedTime = unsafe extern "C" fn(
+        ms: *mut f32,
+        startEvent: aclrtEvent,
+        endEvent: aclrtEvent,
+    ) -> aclError;
+    pub type aclrtStreamWaitEvent = unsafe extern "C" fn(
+        stream: aclrtStream,
+        event: aclrtEvent,
     ) -> aclError;
     pub type aclrtMalloc = unsafe extern "C" fn(
         devPtr: *mut *mut ::std::os::raw::c_void,
@@ -399,6 +445,17 @@ macro_rules! for_each_function {
             aclrtCreateStream,
             aclrtDestroyStream,
             aclrtSynchronizeStream,
+            aclrtCreateEvent,
+            aclrtCreateEventWithFlag,
+            aclrtCreateEventExWithFlag,
+            aclrtDestroyEvent,
+            aclrtRecordEvent,
+            aclrtResetEvent,
+            aclrtQueryEventStatus,
+            aclrtQueryEventWaitStatus,
+            aclrtSynchronizeEvent,
+            aclrtEventElapsedTime,
+            aclrtStreamWaitEvent,
             aclrtMalloc,
             aclrtFree,
             aclrtMallocHost,

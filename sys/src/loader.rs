@@ -150,10 +150,13 @@ impl LoaderConfig {
     }
 }
 
-/// One opened library.
+/// One opened library. It is never closed: the CANN runtime starts threads of its own (and
+/// registers callbacks) that may still run after the last `Api` is dropped, so unloading its
+/// code would be a use-after-free. `ManuallyDrop` keeps `dlclose` from ever being called; the
+/// handle lives until the process exits, as a library linked at build time would.
 struct Opened {
     path: String,
-    lib: Library,
+    lib: std::mem::ManuallyDrop<Library>,
 }
 
 /// Opens library groups on first use and resolves symbols in them.
@@ -224,7 +227,7 @@ fn open_group(config: &LoaderConfig, group: LibraryGroup) -> Result<Vec<Opened>,
             Ok(lib) => {
                 let name = group.file_names().iter().find(|n| **n == file_name).copied().unwrap_or("");
                 names_done.push(name);
-                opened.push(Opened { path: candidate.display().to_string(), lib });
+                opened.push(Opened { path: candidate.display().to_string(), lib: std::mem::ManuallyDrop::new(lib) });
                 // The runtime and nnopbase need one file. Operators: CANN 8.5+ ships per-repository
                 // libraries (libopapi_nn.so) that must not be mixed with the deprecated aggregate
                 // libopapi.so; older releases split operators over libopapi.so and the

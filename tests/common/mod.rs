@@ -84,8 +84,7 @@ pub fn recent_message(api: &aclnn::sys::Api) -> String {
 
 #[cfg(feature = "sim")]
 fn sim_backend(soc: &str) -> Backend {
-    let table = aclnn::sim::install(aclnn::sim::SimConfig::with_soc(soc)).expect("simulator idle");
-    Backend::table("sim", table)
+    Backend::sim(aclnn::sim::SimConfig::with_soc(soc)).expect("simulator idle")
 }
 
 #[cfg(not(feature = "sim"))]
