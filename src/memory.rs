@@ -371,6 +371,12 @@ impl<T: DeviceRepr> PinnedHostBuffer<T> {
         &self.device
     }
 
+    /// The raw host address (null when empty). Using it is `unsafe` business: queued copies may
+    /// be writing or reading it.
+    pub fn as_raw(&self) -> *mut c_void {
+        self.ptr as *mut c_void
+    }
+
     /// Blocks until every queued copy that uses this buffer has finished.
     pub fn wait(&self) -> Result<()> {
         self.tracker.wait_all_on_host()

@@ -24,6 +24,11 @@ pub(crate) type LaunchFn =
 ///
 /// Neither `Send` nor `Sync`: it refers to descriptors (`Tensor` is not `Sync`) that the
 /// executor may still use, so it stays on the thread that made it.
+///
+/// ```compile_fail,E0277
+/// fn to_another_thread<T: Send>() {}
+/// to_another_thread::<aclnn::Plan<'static>>(); // error: `Plan` is not `Send`
+/// ```
 #[must_use = "a plan does nothing until it is launched"]
 pub struct Plan<'t> {
     op: &'static str,

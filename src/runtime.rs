@@ -61,6 +61,13 @@ impl Backend {
     /// ordered as on its stream, and thread-safety as in ACL. The safe layer builds its
     /// soundness on these promises; a table that breaks one can cause undefined behaviour in
     /// safe code.
+    ///
+    /// Safe code cannot hand the safe layer a table:
+    ///
+    /// ```compile_fail,E0133
+    /// let table = aclnn::sys::FunctionTable::default();
+    /// let backend = aclnn::Backend::table("mine", table); // error: call to unsafe function
+    /// ```
     pub unsafe fn table(name: impl Into<String>, table: FunctionTable) -> Backend {
         Backend { kind: Kind::Table { name: name.into(), table } }
     }

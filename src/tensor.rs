@@ -282,6 +282,14 @@ impl TensorDesc {
 
 /// A live `aclTensor` describing device memory it borrows (`'a`) or owns.
 ///
+/// `Send` but not `Sync`: nnopbase promises nothing about one descriptor used by two threads at
+/// once, and operators take descriptors by shared reference.
+///
+/// ```compile_fail,E0277
+/// fn shared_across_threads<T: Sync>() {}
+/// shared_across_threads::<aclnn::Tensor<'static>>(); // error: `Tensor` is not `Sync`
+/// ```
+///
 /// Construction checks that the storage shape fits in the buffer, so an operator writing the
 /// described storage can never overrun it. Writable tensors come from `&mut` buffers or owned
 /// ones. Dropping it calls `aclDestroyTensor` (never frees the memory it borrows).
