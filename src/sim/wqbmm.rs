@@ -461,10 +461,11 @@ unsafe extern "C" fn launch(
             if job.workspace > 0 {
                 accesses.push((ws, Access::Write));
             }
-            // Modelled duration: the matmul at 250 TFLOP/s, or its operands at 1.6 TB/s.
+            // Modelled duration: a 5 us launch floor, then the matmul at 250 TFLOP/s or its
+            // operands at 1.6 TB/s, whichever is slower.
             let flops = 2.0 * job.m as f64 * job.n as f64 * job.k as f64;
             let bytes: u64 = [&job.x, &job.weight, &job.scale, &job.y].iter().map(|t| tensor_span(t).1).sum();
-            let cost_ms = (flops / 250.0e9).max(bytes as f64 / 1.6e9);
+            let cost_ms = 0.005 + (flops / 250.0e9).max(bytes as f64 / 1.6e9);
             let run = Box::new(move |m: &mut Machine| job.execute(m, ws));
             m.enqueue(
                 h,
