@@ -140,7 +140,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     let serialized = run(&runtime, &problems, true)?;
     let show = |v: Option<u64>| v.map_or("n/a (hardware)".to_string(), |v| v.to_string());
     println!("{LAYERS} layers of W4A16 64x512x512 (group {GROUP}): upload on one stream, matmul on another");
-    println!("{:<12} {:>28} {:>14} {:>16}", "strategy", "host syncs while enqueueing", "device waits", "device time ms");
+    println!(
+        "{:<12} {:>28} {:>14} {:>16}",
+        "strategy", "host syncs while enqueueing", "device waits", "device time ms"
+    );
     for (name, r) in [("events", &overlapped), ("serialized", &serialized)] {
         println!(
             "{:<12} {:>28} {:>14} {:>16.4}",

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use aclnn_sys::{self as sys, Api};
 
-use crate::error::{Result, check_runtime};
+use aclnn_sys::result as c;
+
+use crate::error::{Result, call};
 use crate::runtime::{Leak, Runtime};
 use crate::stream::Stream;
 
@@ -55,14 +57,12 @@ impl Device {
         let id_c = i32::try_from(id).map_err(|_| {
             crate::Error::invalid("device id", format!("{id} does not fit an int32_t"), "a device index below 2^31")
         })?;
-        let set = api.aclrtSetDevice()?;
         // SAFETY: plain value argument.
-        check_runtime(api, "aclrtSetDevice", unsafe { set(id_c) })?;
+        call(api, unsafe { c::aclrtSetDevice(api, id_c) })?;
         let created = (|| {
-            let create = api.aclrtCreateContext()?;
             let mut ctx: sys::aclrtContext = std::ptr::null_mut();
             // SAFETY: `ctx` is a valid out-pointer.
-            check_runtime(api, "aclrtCreateContext", unsafe { create(&mut ctx, id_c) })?;
+            call(api, unsafe { c::aclrtCreateContext(api, &mut ctx, id_c) })?;
             Ok(ctx)
         })();
         match created {
@@ -100,18 +100,16 @@ impl Device {
 
     /// Makes this device's context current on the calling thread.
     pub fn bind(&self) -> Result<()> {
-        let f = self.api().aclrtSetCurrentContext()?;
         // SAFETY: the context is alive for as long as `self`.
-        check_runtime(self.api(), "aclrtSetCurrentContext", unsafe { f(self.raw_context()) })
+        call(self.api(), unsafe { c::aclrtSetCurrentContext(self.api(), self.raw_context()) })
     }
 
     /// Free and total HBM of this device (`aclrtGetMemInfo(ACL_HBM_MEM)`).
     pub fn memory_info(&self) -> Result<MemoryInfo> {
         self.bind()?;
-        let f = self.api().aclrtGetMemInfo()?;
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: both out-pointers are valid.
-        check_runtime(self.api(), "aclrtGetMemInfo", unsafe { f(sys::ACL_HBM_MEM, &mut free, &mut total) })?;
+        call(self.api(), unsafe { c::aclrtGetMemInfo(self.api(), sys::ACL_HBM_MEM, &mut free, &mut total) })?;
         Ok(MemoryInfo { free: free as u64, total: total as u64 })
     }
 
@@ -129,9 +127,8 @@ impl Device {
     /// Waits for all work on this device (`aclrtSynchronizeDevice`).
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
-        let f = self.api().aclrtSynchronizeDevice()?;
         // SAFETY: no arguments.
-        check_runtime(self.api(), "aclrtSynchronizeDevice", unsafe { f() })?;
+        call(self.api(), unsafe { c::aclrtSynchronizeDevice(self.api()) })?;
         self.prune_retired();
         Ok(())
     }
@@ -139,11 +136,9 @@ impl Device {
     /// Destroys an event no queued work refers to; a failure is counted as a leak.
     pub(crate) fn destroy_event_now(&self, raw: usize) {
         let destroyed = self.bind().is_ok()
-            && self.api().aclrtDestroyEvent().is_ok_and(|f| {
-                // SAFETY: the event was created on this device, nothing refers to it any more,
-                // and it is destroyed exactly once (it leaves every list here).
-                unsafe { f(raw as *mut c_void) == sys::ACL_SUCCESS }
-            });
+            // SAFETY: the event was created on this device, nothing refers to it any more, and it
+            // is destroyed exactly once (it leaves every list here).
+            && unsafe { c::aclrtDestroyEvent(self.api(), raw as *mut c_void) }.is_ok();
         if !destroyed {
             self.runtime.leaks().add(Leak::Event);
         }
@@ -187,10 +182,8 @@ impl Device {
 }
 
 fn reset(api: &Api, id: i32) {
-    if let Ok(f) = api.aclrtResetDevice() {
-        // SAFETY: plain value argument; balances the successful aclrtSetDevice.
-        let _ = unsafe { f(id) };
-    }
+    // SAFETY: plain value argument; balances the successful aclrtSetDevice.
+    let _ = unsafe { c::aclrtResetDevice(api, id) };
 }
 
 impl Drop for Device {
@@ -204,10 +197,8 @@ impl Drop for Device {
             for raw in retired {
                 let event = raw as *mut c_void;
                 let idle = bound
-                    && self.api().aclrtSynchronizeEvent().is_ok_and(|f| {
-                        // SAFETY: a live event of this device.
-                        unsafe { f(event) == sys::ACL_SUCCESS }
-                    })
+                    // SAFETY: a live event of this device.
+                    && unsafe { c::aclrtSynchronizeEvent(self.api(), event) }.is_ok()
                     && crate::event::waits_passed(self.api(), event).unwrap_or(false);
                 if idle {
                     self.destroy_event_now(raw);
@@ -218,10 +209,8 @@ impl Drop for Device {
         }
         // Errors cannot be returned from drop; the runtime reports them through its own log.
         let _ = self.bind();
-        if let Ok(f) = self.api().aclrtDestroyContext() {
-            // SAFETY: the context was created by `open` and is destroyed exactly once.
-            let _ = unsafe { f(self.raw_context()) };
-        }
+        // SAFETY: the context was created by `open` and is destroyed exactly once.
+        let _ = unsafe { c::aclrtDestroyContext(self.api(), self.raw_context()) };
         reset(self.api(), self.id as i32);
     }
 }

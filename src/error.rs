@@ -136,10 +136,9 @@ pub fn aclnn_code_name(code: i32) -> &'static str {
 
 /// The thread's recent error text (`aclGetRecentErrMsg`), if any.
 pub(crate) fn recent_message(api: &sys::Api) -> Option<String> {
-    let f = api.aclGetRecentErrMsg().ok()?;
     // SAFETY: takes no arguments; returns null or a NUL-terminated string owned by the runtime
     // that stays valid until the next call on this thread, and is copied at once.
-    let ptr = unsafe { f() };
+    let ptr = unsafe { sys::result::aclGetRecentErrMsg(api) }.ok()?;
     if ptr.is_null() {
         return None;
     }
@@ -147,22 +146,24 @@ pub(crate) fn recent_message(api: &sys::Api) -> Option<String> {
     Some(unsafe { std::ffi::CStr::from_ptr(ptr) }.to_string_lossy().into_owned())
 }
 
-/// Turns a runtime return code into a `Result`.
-pub(crate) fn check_runtime(api: &sys::Api, name: &'static str, code: sys::aclError) -> Result<()> {
-    if code == sys::ACL_SUCCESS {
-        Ok(())
-    } else {
-        Err(Error::Runtime { api: name, code, message: recent_message(api) })
-    }
+/// Whether a C function belongs to aclnn (nnopbase descriptors and operators), whose codes are
+/// `aclnnStatus`, rather than to the ACL runtime.
+fn is_aclnn_layer(api: &str) -> bool {
+    api.starts_with("aclnn")
+        || matches!(api, "aclCreateTensor" | "aclInitTensor" | "aclDestroyTensor" | "aclDestroyAclOpExecutor")
 }
 
-/// Turns an aclnn status into a `Result`.
-pub(crate) fn check_aclnn(api: &sys::Api, name: &'static str, code: sys::aclnnStatus) -> Result<()> {
-    if code == sys::ACLNN_SUCCESS {
-        Ok(())
-    } else {
-        Err(Error::Aclnn { api: name, code, message: recent_message(api) })
-    }
+/// Converts the outcome of a call through the result layer ([`aclnn_sys::result`]) into this
+/// crate's `Result`, with the runtime's recent error text and the right layer.
+pub(crate) fn call<T>(api: &sys::Api, outcome: std::result::Result<T, sys::CallError>) -> Result<T> {
+    outcome.map_err(|e| match e {
+        sys::CallError::Load(load) => Error::Load(load),
+        sys::CallError::Status { api: name, code } if is_aclnn_layer(name) => {
+            Error::Aclnn { api: name, code, message: recent_message(api) }
+        }
+        sys::CallError::Status { api: name, code } => Error::Runtime { api: name, code, message: recent_message(api) },
+        other => Error::Backend(other.to_string()),
+    })
 }
 
 #[cfg(test)]

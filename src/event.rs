@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use aclnn_sys as sys;
 
 use crate::device::Device;
-use crate::error::{Error, Result, check_runtime};
+use aclnn_sys::result as c;
+
+use crate::error::{Error, Result, call};
 use crate::stream::Stream;
 
 /// An event on one device.
@@ -37,10 +39,9 @@ impl Event {
     /// A new event with ACL's default flags (`aclrtCreateEvent`).
     pub fn new(device: &Arc<Device>) -> Result<Event> {
         device.bind()?;
-        let f = device.api().aclrtCreateEvent()?;
         let mut raw: sys::aclrtEvent = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out-pointer and the device context is current.
-        check_runtime(device.api(), "aclrtCreateEvent", unsafe { f(&mut raw) })?;
+        call(device.api(), unsafe { c::aclrtCreateEvent(device.api(), &mut raw) })?;
         Self::wrap(device, raw, "aclrtCreateEvent")
     }
 
@@ -48,10 +49,9 @@ impl Event {
     /// `aclrtCreateEventWithFlag`).
     pub fn with_flags(device: &Arc<Device>, flags: u32) -> Result<Event> {
         device.bind()?;
-        let f = device.api().aclrtCreateEventWithFlag()?;
         let mut raw: sys::aclrtEvent = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out-pointer and the device context is current.
-        check_runtime(device.api(), "aclrtCreateEventWithFlag", unsafe { f(&mut raw, flags) })?;
+        call(device.api(), unsafe { c::aclrtCreateEventWithFlag(device.api(), &mut raw, flags) })?;
         Self::wrap(device, raw, "aclrtCreateEventWithFlag")
     }
 
@@ -87,19 +87,17 @@ impl Event {
             ));
         }
         self.device.bind()?;
-        let f = self.device.api().aclrtRecordEvent()?;
         // Set first: from here on the event may be referred to by queued work.
         self.mark_used();
         // SAFETY: both handles are alive for the call; the context is current.
-        check_runtime(self.device.api(), "aclrtRecordEvent", unsafe { f(self.raw(), stream.raw()) })
+        call(self.device.api(), unsafe { c::aclrtRecordEvent(self.device.api(), self.raw(), stream.raw()) })
     }
 
     /// Blocks the host until the work before the last record has run (`aclrtSynchronizeEvent`).
     pub fn synchronize(&self) -> Result<()> {
         self.device.bind()?;
-        let f = self.device.api().aclrtSynchronizeEvent()?;
         // SAFETY: the event is alive for as long as `self`.
-        check_runtime(self.device.api(), "aclrtSynchronizeEvent", unsafe { f(self.raw()) })
+        call(self.device.api(), unsafe { c::aclrtSynchronizeEvent(self.device.api(), self.raw()) })
     }
 
     /// Whether the work before the last record has run, without blocking
@@ -113,29 +111,26 @@ impl Event {
     /// (`aclrtEventElapsedTime`); both must have completed.
     pub fn elapsed_ms(&self, end: &Event) -> Result<f32> {
         self.device.bind()?;
-        let f = self.device.api().aclrtEventElapsedTime()?;
-        let mut ms = 0f32;
+        let (api, mut ms) = (self.device.api(), 0f32);
         // SAFETY: `ms` is a valid out-pointer; both events are alive for the call.
-        check_runtime(self.device.api(), "aclrtEventElapsedTime", unsafe { f(&mut ms, self.raw(), end.raw()) })?;
+        call(api, unsafe { c::aclrtEventElapsedTime(api, &mut ms, self.raw(), end.raw()) })?;
         Ok(ms)
     }
 }
 
 /// `aclrtQueryEventStatus` as a bool. The context must be current.
 pub(crate) fn query_complete(api: &sys::Api, raw: sys::aclrtEvent) -> Result<bool> {
-    let f = api.aclrtQueryEventStatus()?;
     let mut status: sys::aclrtEventRecordedStatus = sys::ACL_EVENT_RECORDED_STATUS_NOT_READY;
     // SAFETY: `status` is a valid out-pointer; the caller keeps the event alive.
-    check_runtime(api, "aclrtQueryEventStatus", unsafe { f(raw, &mut status) })?;
+    call(api, unsafe { c::aclrtQueryEventStatus(api, raw, &mut status) })?;
     Ok(status == sys::ACL_EVENT_RECORDED_STATUS_COMPLETE)
 }
 
 /// `aclrtQueryEventWaitStatus` as a bool: every stream wait on the event has passed.
 pub(crate) fn waits_passed(api: &sys::Api, raw: sys::aclrtEvent) -> Result<bool> {
-    let f = api.aclrtQueryEventWaitStatus()?;
     let mut status: sys::aclrtEventWaitStatus = sys::ACL_EVENT_WAIT_STATUS_NOT_READY;
     // SAFETY: `status` is a valid out-pointer; the caller keeps the event alive.
-    check_runtime(api, "aclrtQueryEventWaitStatus", unsafe { f(raw, &mut status) })?;
+    call(api, unsafe { c::aclrtQueryEventWaitStatus(api, raw, &mut status) })?;
     Ok(status == sys::ACL_EVENT_WAIT_STATUS_COMPLETE)
 }
 

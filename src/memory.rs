@@ -8,7 +8,9 @@ use std::sync::Arc;
 use aclnn_sys as sys;
 
 use crate::device::Device;
-use crate::error::{Error, Result, check_runtime};
+use aclnn_sys::result as c;
+
+use crate::error::{Error, Result, call};
 use crate::ordering::{Access, Tracker, enqueue, host_access};
 use crate::runtime::Leak;
 use crate::stream::Stream;
@@ -67,9 +69,10 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
         if bytes > 0 {
             let device = stream.device();
             device.bind()?;
-            let f = device.api().aclrtMalloc()?;
             // SAFETY: `ptr` is a valid out-pointer and `bytes` is non-zero.
-            check_runtime(device.api(), "aclrtMalloc", unsafe { f(&mut ptr, bytes, sys::ACL_MEM_MALLOC_HUGE_FIRST) })?;
+            call(device.api(), unsafe {
+                c::aclrtMalloc(device.api(), &mut ptr, bytes, sys::ACL_MEM_MALLOC_HUGE_FIRST)
+            })?;
         }
         if bytes > 0 && ptr.is_null() {
             return Err(Error::NullHandle {
@@ -85,9 +88,8 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
         let buf = Self::alloc(stream, len)?;
         let bytes = buf.byte_len();
         if bytes > 0 {
-            let f = buf.api().aclrtMemset()?;
             // SAFETY: the allocation holds `bytes` bytes; the context was bound by `alloc`.
-            check_runtime(buf.api(), "aclrtMemset", unsafe { f(buf.as_raw(), bytes, 0, bytes) })?;
+            call(buf.api(), unsafe { c::aclrtMemset(buf.api(), buf.as_raw(), bytes, 0, bytes) })?;
         }
         Ok(buf)
     }
@@ -153,12 +155,12 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
         }
         host_access(&[(&self.tracker, Access::Write)], || {
             self.device().bind()?;
-            let f = self.api().aclrtMemcpy()?;
-            let bytes = self.byte_len();
+            let (api, bytes) = (self.api(), self.byte_len());
             // SAFETY: `src` is readable for `bytes` bytes, the device allocation holds `bytes`
             // bytes, and every queued use of it has finished (waited for above).
-            let code = unsafe { f(self.as_raw(), bytes, src.as_ptr().cast(), bytes, sys::ACL_MEMCPY_HOST_TO_DEVICE) };
-            check_runtime(self.api(), "aclrtMemcpy", code)
+            call(api, unsafe {
+                c::aclrtMemcpy(api, self.as_raw(), bytes, src.as_ptr().cast(), bytes, sys::ACL_MEMCPY_HOST_TO_DEVICE)
+            })
         })
     }
 
@@ -170,14 +172,20 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
         }
         host_access(&[(&self.tracker, Access::Read)], || {
             self.device().bind()?;
-            let f = self.api().aclrtMemcpy()?;
-            let bytes = self.byte_len();
+            let (api, bytes) = (self.api(), self.byte_len());
             // SAFETY: `dst` is writable for `bytes` bytes and every bit pattern is a valid `T`
             // (`DeviceRepr`); the device allocation holds `bytes` bytes; queued writes of it
             // have finished (waited for above).
-            let code =
-                unsafe { f(dst.as_mut_ptr().cast(), bytes, self.as_raw(), bytes, sys::ACL_MEMCPY_DEVICE_TO_HOST) };
-            check_runtime(self.api(), "aclrtMemcpy", code)
+            call(api, unsafe {
+                c::aclrtMemcpy(
+                    api,
+                    dst.as_mut_ptr().cast(),
+                    bytes,
+                    self.as_raw(),
+                    bytes,
+                    sys::ACL_MEMCPY_DEVICE_TO_HOST,
+                )
+            })
         })
     }
 
@@ -228,15 +236,14 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
         }
         enqueue(stream, &[(&self.tracker, Access::Write), (&src.tracker, Access::Read)], || {
             stream.device().bind()?;
-            let f = self.api().aclrtMemcpyAsync()?;
-            let bytes = self.byte_len();
+            let (api, bytes) = (self.api(), self.byte_len());
+            let (dst, src) = (self.as_raw(), src.ptr as *const c_void);
             // SAFETY: both sides hold `bytes` bytes; neither can be freed, nor the pinned one
             // written by the host, before the mark recorded after this copy has completed (their
             // trackers make drop and host access wait for it).
-            let code = unsafe {
-                f(self.as_raw(), bytes, src.ptr as *const c_void, bytes, sys::ACL_MEMCPY_HOST_TO_DEVICE, stream.raw())
-            };
-            check_runtime(self.api(), "aclrtMemcpyAsync", code)
+            call(api, unsafe {
+                c::aclrtMemcpyAsync(api, dst, bytes, src, bytes, sys::ACL_MEMCPY_HOST_TO_DEVICE, stream.raw())
+            })
         })
     }
 
@@ -255,14 +262,13 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
         }
         enqueue(stream, &[(&self.tracker, Access::Read), (&dst.tracker, Access::Write)], || {
             stream.device().bind()?;
-            let f = self.api().aclrtMemcpyAsync()?;
-            let bytes = self.byte_len();
+            let (api, bytes) = (self.api(), self.byte_len());
+            let (dst, src) = (dst.ptr as *mut c_void, self.as_raw());
             // SAFETY: both sides hold `bytes` bytes; `dst` cannot be read, written or freed by
             // the host before the mark recorded after this copy has completed.
-            let code = unsafe {
-                f(dst.ptr as *mut c_void, bytes, self.as_raw(), bytes, sys::ACL_MEMCPY_DEVICE_TO_HOST, stream.raw())
-            };
-            check_runtime(self.api(), "aclrtMemcpyAsync", code)
+            call(api, unsafe {
+                c::aclrtMemcpyAsync(api, dst, bytes, src, bytes, sys::ACL_MEMCPY_DEVICE_TO_HOST, stream.raw())
+            })
         })
     }
 }
@@ -280,11 +286,8 @@ impl<T: DeviceRepr> Drop for DeviceBuffer<T> {
             return;
         }
         let _ = self.device().bind(); // aclrtFree reports a context problem itself
-        let freed = self.api().aclrtFree().is_ok_and(|f| {
-            // SAFETY: allocated by aclrtMalloc in `alloc`, idle (every mark completed), freed
-            // exactly once.
-            unsafe { f(self.as_raw()) == sys::ACL_SUCCESS }
-        });
+        // SAFETY: allocated by aclrtMalloc in `alloc`, idle (every mark completed), freed once.
+        let freed = unsafe { c::aclrtFree(self.api(), self.as_raw()) }.is_ok();
         if !freed {
             leaks.add(Leak::DeviceBuffer(self.byte_len()));
         }
@@ -327,9 +330,8 @@ impl<T: DeviceRepr> PinnedHostBuffer<T> {
         let mut ptr: *mut c_void = std::ptr::null_mut();
         if bytes > 0 {
             device.bind()?;
-            let f = device.api().aclrtMallocHost()?;
             // SAFETY: valid out-pointer, non-zero size.
-            check_runtime(device.api(), "aclrtMallocHost", unsafe { f(&mut ptr, bytes) })?;
+            call(device.api(), unsafe { c::aclrtMallocHost(device.api(), &mut ptr, bytes) })?;
             if ptr.is_null() {
                 return Err(Error::NullHandle {
                     api: "aclrtMallocHost",
@@ -417,11 +419,9 @@ impl<T: DeviceRepr> Drop for PinnedHostBuffer<T> {
             return;
         }
         let _ = self.device.bind(); // aclrtFreeHost reports a context problem itself
-        let freed = self.device.api().aclrtFreeHost().is_ok_and(|f| {
-            // SAFETY: allocated by aclrtMallocHost, no queued copy uses it (every mark
-            // completed), freed exactly once.
-            unsafe { f(self.ptr as *mut c_void) == sys::ACL_SUCCESS }
-        });
+        // SAFETY: allocated by aclrtMallocHost, no queued copy uses it (every mark completed),
+        // freed exactly once.
+        let freed = unsafe { c::aclrtFreeHost(self.device.api(), self.ptr as *mut c_void) }.is_ok();
         if !freed {
             leaks.add(Leak::HostBuffer(bytes));
         }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use aclnn_sys::{self as sys, aclOpExecutor};
 
 use crate::device::Device;
-use crate::error::{Error, Result, check_aclnn};
+use aclnn_sys::result::{self as c, Outcome};
+
+use crate::error::{Error, Result, call};
 use crate::ordering::{Access, Tracker, enqueue};
 use crate::stream::Stream;
 use crate::tensor::Tensor;
@@ -98,7 +100,7 @@ impl<'t> Plan<'t> {
             // 0); the tensors the executor refers to are borrowed for `'t`, and their memory (and
             // the workspace's) is not freed before the mark recorded after this launch completes.
             let code = unsafe { (self.launch)(ptr, self.workspace_size, executor, stream.raw()) };
-            check_aclnn(self.device.api(), self.op, code)
+            call(self.device.api(), code.check(self.op))
         })
     }
 }
@@ -108,9 +110,7 @@ impl Drop for Plan<'_> {
         if self.executor.is_null() {
             return;
         }
-        if let Ok(f) = self.device.api().aclDestroyAclOpExecutor() {
-            // SAFETY: an executor from phase 1 that was never launched, destroyed once.
-            let _ = unsafe { f(self.executor) };
-        }
+        // SAFETY: an executor from phase 1 that was never launched, destroyed once.
+        let _ = unsafe { c::aclDestroyAclOpExecutor(self.device.api(), self.executor) };
     }
 }

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use aclnn_sys::{self as sys, Api, FunctionTable, LoaderConfig};
 
 use crate::device::Device;
-use crate::error::{Error, Result, check_runtime};
+use aclnn_sys::result as c;
+
+use crate::error::{Error, Result, call};
 
 /// Which implementation of the C API to use. The safe layer never chooses on its own and never
 /// falls back from one to the other.
@@ -190,15 +192,14 @@ impl Runtime {
             Kind::Cann(config) => Api::load(config)?,
             Kind::Table { table, .. } => Api::from_table(table),
         };
-        let init = api.aclInit()?;
         // SAFETY: a null config path is documented as "no configuration file".
-        let code = unsafe { init(std::ptr::null()) };
-        if code == sys::ACL_ERROR_REPEAT_INITIALIZE {
+        let outcome = unsafe { c::aclInit(&api, std::ptr::null()) };
+        if let Err(sys::CallError::Status { code: sys::ACL_ERROR_REPEAT_INITIALIZE, .. }) = outcome {
             // Already initialised in this process: fine, but do not leave the runtime's note
             // about it to be mistaken for the reason of a later failure.
             let _ = crate::error::recent_message(&api);
         } else {
-            check_runtime(&api, "aclInit", code)?;
+            call(&api, outcome)?;
         }
         Ok(Runtime { inner: Arc::new(RuntimeInner { api, backend: name, leaks: LeakCounters::default() }) })
     }
@@ -229,10 +230,9 @@ impl Runtime {
 
     /// Number of devices visible to this process.
     pub fn device_count(&self) -> Result<u32> {
-        let f = self.api().aclrtGetDeviceCount()?;
         let mut count = 0u32;
         // SAFETY: `count` is a valid out-pointer.
-        check_runtime(self.api(), "aclrtGetDeviceCount", unsafe { f(&mut count) })?;
+        call(self.api(), unsafe { c::aclrtGetDeviceCount(self.api(), &mut count) })?;
         Ok(count)
     }
 
@@ -243,9 +243,8 @@ impl Runtime {
 
     /// The SoC name (`aclrtGetSocName`; ACL reports device 0's name).
     pub fn soc_name(&self) -> Result<String> {
-        let f = self.api().aclrtGetSocName()?;
         // SAFETY: takes no arguments; returns null or a static NUL-terminated string.
-        let ptr = unsafe { f() };
+        let ptr = call(self.api(), unsafe { c::aclrtGetSocName(self.api()) })?;
         if ptr.is_null() {
             return Err(Error::NullHandle {
                 api: "aclrtGetSocName",

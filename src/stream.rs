@@ -7,7 +7,9 @@ use std::sync::Arc;
 use aclnn_sys as sys;
 
 use crate::device::Device;
-use crate::error::{Error, Result, check_runtime};
+use aclnn_sys::result as c;
+
+use crate::error::{Error, Result, call};
 use crate::event::Event;
 use crate::runtime::Leak;
 
@@ -32,10 +34,9 @@ unsafe impl Sync for Stream {}
 impl Stream {
     pub(crate) fn new(device: Arc<Device>) -> Result<Arc<Stream>> {
         device.bind()?;
-        let f = device.api().aclrtCreateStream()?;
         let mut raw: sys::aclrtStream = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out-pointer and the device context is current.
-        check_runtime(device.api(), "aclrtCreateStream", unsafe { f(&mut raw) })?;
+        call(device.api(), unsafe { c::aclrtCreateStream(device.api(), &mut raw) })?;
         Ok(Arc::new(Stream { device, raw: raw as usize }))
     }
 
@@ -52,9 +53,8 @@ impl Stream {
     /// Blocks until all work queued on the stream has finished.
     pub fn synchronize(&self) -> Result<()> {
         self.device.bind()?;
-        let f = self.device.api().aclrtSynchronizeStream()?;
         // SAFETY: the stream is alive for as long as `self`.
-        check_runtime(self.device.api(), "aclrtSynchronizeStream", unsafe { f(self.raw()) })?;
+        call(self.device.api(), unsafe { c::aclrtSynchronizeStream(self.device.api(), self.raw()) })?;
         self.device.prune_retired();
         Ok(())
     }
@@ -71,10 +71,9 @@ impl Stream {
         }
         event.mark_used();
         self.device.bind()?;
-        let f = self.device.api().aclrtStreamWaitEvent()?;
         // SAFETY: both handles are alive for the call (the event's destruction waits for the
         // queued wait to pass, see `Event`'s drop); the context is current.
-        check_runtime(self.device.api(), "aclrtStreamWaitEvent", unsafe { f(self.raw(), event.raw()) })
+        call(self.device.api(), unsafe { c::aclrtStreamWaitEvent(self.device.api(), self.raw(), event.raw()) })
     }
 
     /// Records a new event at the current end of the queue.
@@ -92,10 +91,8 @@ impl Drop for Stream {
             self.device.runtime().leaks().add(Leak::Stream);
             return;
         }
-        let destroyed = self.device.api().aclrtDestroyStream().is_ok_and(|f| {
-            // SAFETY: created by `new`, idle after the synchronize, destroyed exactly once.
-            unsafe { f(self.raw()) == sys::ACL_SUCCESS }
-        });
+        // SAFETY: created by `new`, idle after the synchronize, destroyed exactly once.
+        let destroyed = unsafe { c::aclrtDestroyStream(self.device.api(), self.raw()) }.is_ok();
         if !destroyed {
             self.device.runtime().leaks().add(Leak::Stream);
         }

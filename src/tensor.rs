@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use aclnn_sys as sys;
 
-use crate::error::{Error, Result};
+use aclnn_sys::result as c;
+
+use crate::error::{Error, Result, call};
 use crate::memory::{DeviceBuffer, DeviceRepr};
 use crate::ordering::Tracker;
 use crate::runtime::Leak;
@@ -339,11 +341,11 @@ impl<'a> Tensor<'a> {
         let device = buffer.device();
         device.bind()?;
         let api = device.api();
-        let f = api.aclCreateTensor()?;
         // SAFETY: the arrays live for the call and their lengths are passed with them; the
         // address is a live device allocation (or null for an empty one) holding the storage.
-        let raw = unsafe {
-            f(
+        let raw = call(api, unsafe {
+            c::aclCreateTensor(
+                api,
                 desc.view.as_ptr(),
                 desc.view.len() as u64,
                 desc.dtype.raw(),
@@ -354,7 +356,7 @@ impl<'a> Tensor<'a> {
                 desc.storage.len() as u64,
                 buffer.as_raw(),
             )
-        };
+        })?;
         let raw = NonNull::new(raw)
             .ok_or_else(|| Error::NullHandle { api: "aclCreateTensor", message: crate::error::recent_message(api) })?;
         Ok(Tensor {
@@ -419,12 +421,10 @@ impl Tensor<'static> {
 impl Drop for Tensor<'_> {
     fn drop(&mut self) {
         let api = self.stream.device().api();
-        let destroyed = api.aclDestroyTensor().is_ok_and(|f| {
-            // SAFETY: created by aclCreateTensor in `create` and destroyed here only, once: a
-            // failed call is not retried (the library may have released the descriptor before
-            // reporting the error, and a second call would then be a double free).
-            unsafe { f(self.raw.as_ptr()) == sys::ACLNN_SUCCESS }
-        });
+        // SAFETY: created by aclCreateTensor in `create` and destroyed here only, once: a failed
+        // call is not retried (the library may have released the descriptor before reporting
+        // the error, and a second call would then be a double free).
+        let destroyed = unsafe { c::aclDestroyTensor(api, self.raw.as_ptr()) }.is_ok();
         if !destroyed {
             self.stream.device().runtime().leaks().add(Leak::Tensor);
         }

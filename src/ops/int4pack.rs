@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use aclnn_sys as sys;
 
-use crate::error::{Error, Result, check_aclnn};
+use aclnn_sys::result as c;
+
+use crate::error::{Error, Result, call};
 use crate::kernels::{self, GroupOffset, NzGeometry, PackError};
 use crate::memory::DeviceBuffer;
 use crate::ordering::{self, Access};
@@ -359,7 +361,6 @@ pub fn convert_weight_to_int4_pack_plan<'t>(weight: &'t Tensor<'_>, pack: &'t mu
     }
     let device = weight.stream().device().clone();
     let api = device.api();
-    let phase1 = api.aclnnConvertWeightToINT4PackGetWorkspaceSize()?;
     let phase2 = api.aclnnConvertWeightToINT4Pack()?;
     // The operator never writes these; initialise them as the official example does.
     let mut workspace_size = 0u64;
@@ -371,8 +372,15 @@ pub fn convert_weight_to_int4_pack_plan<'t>(weight: &'t Tensor<'_>, pack: &'t mu
         // SAFETY: both descriptors are live for 't; `pack` is writable and its buffer holds every
         // byte the operator writes (checked above); no queued work uses either buffer (waited
         // for above, under the trackers' locks); the out-pointers are valid.
-        let code = unsafe { phase1(weight.as_raw(), pack.as_raw(), &mut workspace_size, &mut executor) };
-        check_aclnn(api, "aclnnConvertWeightToINT4PackGetWorkspaceSize", code)
+        call(api, unsafe {
+            c::aclnnConvertWeightToINT4PackGetWorkspaceSize(
+                api,
+                weight.as_raw(),
+                pack.as_raw(),
+                &mut workspace_size,
+                &mut executor,
+            )
+        })
     })?;
     Ok(Plan::new("aclnnConvertWeightToINT4Pack", device, workspace_size, executor, phase2, &[weight], &[pack]))
 }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use aclnn_sys as sys;
 
-use crate::error::{Error, Result, check_aclnn};
+use aclnn_sys::result as c;
+
+use crate::error::{Error, Result, call};
 use crate::memory::DeviceBuffer;
 use crate::ops::int4pack::{PackOptions, convert_weight_to_int4_pack};
 use crate::plan::Plan;
@@ -72,15 +74,15 @@ impl<'a> WeightQuantMatmul<'a> {
         }
         device.bind()?;
         let api = device.api();
-        let phase1 = api.aclnnWeightQuantBatchMatmulV2GetWorkspaceSize()?;
         let phase2 = api.aclnnWeightQuantBatchMatmulV2()?;
         let raw = |t: Option<&Tensor<'_>>| t.map_or(std::ptr::null(), |t| t.as_raw().cast_const());
         let mut workspace_size = 0u64;
         let mut executor: *mut sys::aclOpExecutor = std::ptr::null_mut();
         // SAFETY: every descriptor is live for 'p (borrowed by the plan); optional ones are null
         // when absent, as the C API documents; the out-pointers are valid.
-        let code = unsafe {
-            phase1(
+        let outcome = unsafe {
+            c::aclnnWeightQuantBatchMatmulV2GetWorkspaceSize(
+                api,
                 raw(Some(self.x)),
                 raw(Some(self.weight)),
                 raw(Some(self.antiquant_scale)),
@@ -94,7 +96,7 @@ impl<'a> WeightQuantMatmul<'a> {
                 &mut executor,
             )
         };
-        check_aclnn(api, "aclnnWeightQuantBatchMatmulV2GetWorkspaceSize", code)?;
+        call(api, outcome)?;
         let reads: Vec<&'p Tensor<'_>> = self.inputs().collect();
         Ok(Plan::new("aclnnWeightQuantBatchMatmulV2", device, workspace_size, executor, phase2, &reads, &[y]))
     }

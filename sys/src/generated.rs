@@ -478,3 +478,57 @@ macro_rules! for_each_function {
     };
 }
 pub(crate) use for_each_function;
+
+/// Calls `$m!` with the C signature of every bound function, in table order.
+macro_rules! for_each_signature {
+    ($m:ident) => {
+        $m! {
+            aclInit(configPath: *const ::std::os::raw::c_char) -> aclError;
+            aclFinalize() -> aclError;
+            aclGetRecentErrMsg() -> *const ::std::os::raw::c_char;
+            aclDataTypeSize(dataType: aclDataType) -> usize;
+            aclrtSetDevice(deviceId: i32) -> aclError;
+            aclrtResetDevice(deviceId: i32) -> aclError;
+            aclrtGetDevice(deviceId: *mut i32) -> aclError;
+            aclrtGetDeviceCount(count: *mut u32) -> aclError;
+            aclrtSynchronizeDevice() -> aclError;
+            aclrtCreateContext(context: *mut aclrtContext, deviceId: i32) -> aclError;
+            aclrtDestroyContext(context: aclrtContext) -> aclError;
+            aclrtSetCurrentContext(context: aclrtContext) -> aclError;
+            aclrtGetCurrentContext(context: *mut aclrtContext) -> aclError;
+            aclrtCreateStream(stream: *mut aclrtStream) -> aclError;
+            aclrtDestroyStream(stream: aclrtStream) -> aclError;
+            aclrtSynchronizeStream(stream: aclrtStream) -> aclError;
+            aclrtCreateEvent(event: *mut aclrtEvent) -> aclError;
+            aclrtCreateEventWithFlag(event: *mut aclrtEvent, flag: u32) -> aclError;
+            aclrtCreateEventExWithFlag(event: *mut aclrtEvent, flag: u32) -> aclError;
+            aclrtDestroyEvent(event: aclrtEvent) -> aclError;
+            aclrtRecordEvent(event: aclrtEvent, stream: aclrtStream) -> aclError;
+            aclrtResetEvent(event: aclrtEvent, stream: aclrtStream) -> aclError;
+            aclrtQueryEventStatus(event: aclrtEvent, status: *mut aclrtEventRecordedStatus) -> aclError;
+            aclrtQueryEventWaitStatus(event: aclrtEvent, status: *mut aclrtEventWaitStatus) -> aclError;
+            aclrtSynchronizeEvent(event: aclrtEvent) -> aclError;
+            aclrtEventElapsedTime(ms: *mut f32, startEvent: aclrtEvent, endEvent: aclrtEvent) -> aclError;
+            aclrtStreamWaitEvent(stream: aclrtStream, event: aclrtEvent) -> aclError;
+            aclrtMalloc(devPtr: *mut *mut ::std::os::raw::c_void, size: usize, policy: aclrtMemMallocPolicy) -> aclError;
+            aclrtFree(devPtr: *mut ::std::os::raw::c_void) -> aclError;
+            aclrtMallocHost(hostPtr: *mut *mut ::std::os::raw::c_void, size: usize) -> aclError;
+            aclrtFreeHost(hostPtr: *mut ::std::os::raw::c_void) -> aclError;
+            aclrtMemcpy(dst: *mut ::std::os::raw::c_void, destMax: usize, src: *const ::std::os::raw::c_void, count: usize, kind: aclrtMemcpyKind) -> aclError;
+            aclrtMemcpyAsync(dst: *mut ::std::os::raw::c_void, destMax: usize, src: *const ::std::os::raw::c_void, count: usize, kind: aclrtMemcpyKind, stream: aclrtStream) -> aclError;
+            aclrtMemset(devPtr: *mut ::std::os::raw::c_void, maxCount: usize, value: i32, count: usize) -> aclError;
+            aclrtGetMemInfo(attr: aclrtMemAttr, free: *mut usize, total: *mut usize) -> aclError;
+            aclrtGetSocName() -> *const ::std::os::raw::c_char;
+            aclrtGetVersion(majorVersion: *mut i32, minorVersion: *mut i32, patchVersion: *mut i32) -> aclError;
+            aclCreateTensor(viewDims: *const i64, viewDimsNum: u64, dataType: aclDataType, stride: *const i64, offset: i64, format: aclFormat, storageDims: *const i64, storageDimsNum: u64, tensorData: *mut ::std::os::raw::c_void) -> *mut aclTensor;
+            aclInitTensor(tensor: *mut aclTensor, viewDims: *const i64, viewDimsNum: u64, dataType: aclDataType, stride: *const i64, offset: i64, format: aclFormat, storageDims: *const i64, storageDimsNum: u64, tensorDataAddr: *mut ::std::os::raw::c_void) -> aclnnStatus;
+            aclDestroyTensor(tensor: *const aclTensor) -> aclnnStatus;
+            aclDestroyAclOpExecutor(executor: *mut aclOpExecutor) -> aclnnStatus;
+            aclnnConvertWeightToINT4PackGetWorkspaceSize(weight: *const aclTensor, weightInt4Pack: *mut aclTensor, workspaceSize: *mut u64, executor: *mut *mut aclOpExecutor) -> aclnnStatus;
+            aclnnConvertWeightToINT4Pack(workspace: *mut ::std::os::raw::c_void, workspaceSize: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;
+            aclnnWeightQuantBatchMatmulV2GetWorkspaceSize(x: *const aclTensor, weight: *const aclTensor, antiquantScale: *const aclTensor, antiquantOffsetOptional: *const aclTensor, quantScaleOptional: *const aclTensor, quantOffsetOptional: *const aclTensor, biasOptional: *const aclTensor, antiquantGroupSize: ::std::os::raw::c_int, y: *const aclTensor, workspaceSize: *mut u64, executor: *mut *mut aclOpExecutor) -> aclnnStatus;
+            aclnnWeightQuantBatchMatmulV2(workspace: *mut ::std::os::raw::c_void, workspaceSize: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;
+        }
+    };
+}
+pub(crate) use for_each_signature;

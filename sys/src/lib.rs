@@ -7,6 +7,8 @@
 //! * Functions are not linked. They live in a table of function pointers, [`Api`], that is
 //!   filled either by the run-time loader ([`Api::load`], libloading, per symbol on first use)
 //!   or by any other backend that supplies a [`FunctionTable`] (for example a simulated device).
+//! * [`result`] has one function per bound C function that resolves it, calls it and returns a
+//!   `Result` naming the API and its status.
 //!
 //! Nothing here needs CANN, clang or an NPU to build. See the `aclnn` crate for the safe layer.
 
@@ -15,6 +17,7 @@
 
 mod api;
 mod loader;
+pub mod result;
 
 /// Generated declarations (bindgen output over `sys/wrapper.h`).
 #[allow(
@@ -31,3 +34,4 @@ pub mod generated;
 pub use api::{Api, FUNCTION_NAMES, FunctionTable};
 pub use generated::*;
 pub use loader::{LibraryGroup, LoadError, LoaderConfig, is_available};
+pub use result::CallError;

@@ -166,6 +166,7 @@ fn to_table_source(raw: &str) -> Result<String, String> {
     let mut items = Vec::new();
     let mut pfn_items = Vec::new();
     let mut names = Vec::new();
+    let mut signatures: Vec<(String, String)> = Vec::new();
     for item in file.items {
         match item {
             syn::Item::ForeignMod(block) => {
@@ -179,6 +180,18 @@ fn to_table_source(raw: &str) -> Result<String, String> {
                     pfn_items.push(quote! {
                         pub type #name = unsafe extern "C" fn(#(#inputs),*) #output;
                     });
+                    let args = f.sig.inputs.iter().map(|a| quote!(#a).to_string()).collect::<Vec<_>>().join(", ");
+                    let ret = match output {
+                        syn::ReturnType::Type(_, ty) => quote!(#ty).to_string(),
+                        syn::ReturnType::Default => "()".to_string(),
+                    };
+                    let tidy = |t: String| {
+                        t.replace(":: std :: os :: raw :: ", "::std::os::raw::")
+                            .replace(" : ", ": ")
+                            .replace("* mut ", "*mut ")
+                            .replace("* const ", "*const ")
+                    };
+                    signatures.push((name.to_string(), format!("{name}({}) -> {};", tidy(args), tidy(ret))));
                     names.push(name);
                 }
             }
@@ -211,6 +224,13 @@ fn to_table_source(raw: &str) -> Result<String, String> {
         out.push_str(&format!("            {name},\n"));
     }
     out.push_str("        }\n    };\n}\npub(crate) use for_each_function;\n");
+    out.push_str("\n/// Calls `$m!` with the C signature of every bound function, in table order.\n");
+    out.push_str("macro_rules! for_each_signature {\n    ($m:ident) => {\n        $m! {\n");
+    for name in &order {
+        let (_, sig) = signatures.iter().find(|(n, _)| n == name).ok_or("signature lost")?;
+        out.push_str(&format!("            {sig}\n"));
+    }
+    out.push_str("        }\n    };\n}\npub(crate) use for_each_signature;\n");
     Ok(out)
 }
 
