@@ -436,7 +436,7 @@ fn check_w4a16(session: &Session) -> Result<(), Failure> {
     for transposed in [false, true] {
         let problem = HostW4A16::seeded(128, 64, 32, 0, DEMO_SEED);
         let (y, _) = problem.run_on(&session.stream, PackOptions::default(), transposed)?;
-        let error = HostW4A16::max_error(&y, &problem.golden());
+        let error = HostW4A16::max_error(&y, &problem.golden()?);
         println!("w4a16 matmul (trans_weight={transposed}): max error vs golden {error:.2e}");
         if error > W4A16_RTOL {
             return Err(Failure::data(format!("w4a16 max error {error:.2e} exceeds {W4A16_RTOL:.0e}")));

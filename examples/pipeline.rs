@@ -123,7 +123,7 @@ fn run(runtime: &Runtime, problems: &[HostW4A16], serialized: bool) -> Result<Ru
     let device_ms = start.elapsed_ms(&end)?;
     for (p, y) in problems.iter().zip(&outputs) {
         let got: Vec<f32> = y.to_vec()?.into_iter().map(|b| half::f16::from_bits(b).to_f32()).collect();
-        let err = HostW4A16::max_error(&got, &p.golden());
+        let err = HostW4A16::max_error(&got, &p.golden()?);
         if err > 1e-2 {
             return Err(format!("layer result differs from the CPU golden by {err}").into());
         }

@@ -30,7 +30,7 @@ fn run() -> aclnn::Result<f32> {
     for (transposed, group_size) in [(false, 0), (true, 0), (false, 32), (true, 32)] {
         let problem = HostW4A16::seeded(m, k, n, group_size, 2024 + group_size as u64);
         let (y, workspace) = problem.run_on(&stream, PackOptions::default(), transposed)?;
-        let error = HostW4A16::max_error(&y, &problem.golden());
+        let error = HostW4A16::max_error(&y, &problem.golden()?);
         let scales = if group_size > 0 { format!("group {group_size}") } else { "per-channel".into() };
         println!(
             "  trans_weight={transposed:<5} {scales:<11} scale+offset: workspace {workspace:>5} B, max error {error:.2e}"

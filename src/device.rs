@@ -2,6 +2,7 @@
 
 use std::ffi::c_void;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aclnn_sys::{self as sys, Api};
@@ -31,6 +32,9 @@ pub struct Device {
     id: u32,
     context: usize,
     retired: Mutex<Retired>,
+    /// Set when something on the device was leaked because a guarding wait failed: then the
+    /// device is never reset (that would free what was leaked on purpose).
+    tainted: AtomicBool,
 }
 
 /// Events dropped while a record or a stream wait on them may still be pending.
@@ -71,6 +75,7 @@ impl Device {
                 id,
                 context: ctx as usize,
                 retired: Mutex::new(Retired { events: Vec::new(), next_prune: PRUNE_AT }),
+                tainted: AtomicBool::new(false),
             })),
             Err(e) => {
                 reset(api, id_c);
@@ -133,6 +138,16 @@ impl Device {
         Ok(())
     }
 
+    /// Counts a deliberate leak. When the resource may still be used by queued work
+    /// (`in_use`: its guarding wait failed), the device is also never reset, since that would
+    /// release it; a resource known idle whose release call failed is only counted.
+    pub(crate) fn leak(&self, leak: Leak, in_use: bool) {
+        if in_use {
+            self.tainted.store(true, Ordering::Release);
+        }
+        self.runtime.leaks().add(leak);
+    }
+
     /// Destroys an event no queued work refers to; a failure is counted as a leak.
     pub(crate) fn destroy_event_now(&self, raw: usize) {
         let destroyed = self.bind().is_ok()
@@ -140,7 +155,7 @@ impl Device {
             // is destroyed exactly once (it leaves every list here).
             && unsafe { c::aclrtDestroyEvent(self.api(), raw as *mut c_void) }.is_ok();
         if !destroyed {
-            self.runtime.leaks().add(Leak::Event);
+            self.leak(Leak::Event, false);
         }
     }
 
@@ -203,9 +218,15 @@ impl Drop for Device {
                 if idle {
                     self.destroy_event_now(raw);
                 } else {
-                    self.runtime.leaks().add(Leak::Event);
+                    self.leak(Leak::Event, true);
                 }
             }
+        }
+        if self.tainted.load(Ordering::Acquire) {
+            // Destroying the context or resetting the device would release the streams and
+            // memory leaked on purpose while their work may still be pending: leak it too.
+            self.runtime.leaks().add(Leak::Device);
+            return;
         }
         // Errors cannot be returned from drop; the runtime reports them through its own log.
         let _ = self.bind();

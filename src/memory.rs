@@ -280,16 +280,15 @@ impl<T: DeviceRepr> Drop for DeviceBuffer<T> {
         }
         // aclrtFree does not wait for queued work that may still use the memory: wait for every
         // mark first, and leak the memory if that cannot be confirmed.
-        let leaks = self.device().runtime().leaks();
         if self.tracker.wait_all_on_host().is_err() {
-            leaks.add(Leak::DeviceBuffer(self.byte_len()));
+            self.device().leak(Leak::DeviceBuffer(self.byte_len()), true);
             return;
         }
         let _ = self.device().bind(); // aclrtFree reports a context problem itself
         // SAFETY: allocated by aclrtMalloc in `alloc`, idle (every mark completed), freed once.
         let freed = unsafe { c::aclrtFree(self.api(), self.as_raw()) }.is_ok();
         if !freed {
-            leaks.add(Leak::DeviceBuffer(self.byte_len()));
+            self.device().leak(Leak::DeviceBuffer(self.byte_len()), false);
         }
     }
 }
@@ -413,9 +412,8 @@ impl<T: DeviceRepr> Drop for PinnedHostBuffer<T> {
             return;
         }
         let bytes = self.len * std::mem::size_of::<T>();
-        let leaks = self.device.runtime().leaks();
         if self.tracker.wait_all_on_host().is_err() {
-            leaks.add(Leak::HostBuffer(bytes));
+            self.device.leak(Leak::HostBuffer(bytes), true);
             return;
         }
         let _ = self.device.bind(); // aclrtFreeHost reports a context problem itself
@@ -423,7 +421,7 @@ impl<T: DeviceRepr> Drop for PinnedHostBuffer<T> {
         // freed exactly once.
         let freed = unsafe { c::aclrtFreeHost(self.device.api(), self.ptr as *mut c_void) }.is_ok();
         if !freed {
-            leaks.add(Leak::HostBuffer(bytes));
+            self.device.leak(Leak::HostBuffer(bytes), false);
         }
     }
 }

@@ -11,6 +11,7 @@ use aclnn_sys::result::{self as c, Outcome};
 
 use crate::error::{Error, Result, call};
 use crate::ordering::{Access, Tracker, enqueue};
+use crate::runtime::Leak;
 use crate::stream::Stream;
 use crate::tensor::Tensor;
 use crate::workspace::Workspace;
@@ -92,15 +93,19 @@ impl<'t> Plan<'t> {
         if let Some(tracker) = workspace.tracker() {
             operands.push((tracker, Access::Write));
         }
-        let executor = std::mem::replace(&mut self.executor, std::ptr::null_mut());
+        let (device, op, launch, size) = (self.device.clone(), self.op, self.launch, self.workspace_size);
+        let executor = &mut self.executor;
         enqueue(stream, &operands, || {
-            self.device.bind()?;
+            device.bind()?;
+            // Taken only now: if a wait before the launch failed, the plan still owns the
+            // executor and its drop destroys it. Phase 2 consumes it, whatever its outcome.
+            let executor = std::mem::replace(executor, std::ptr::null_mut());
             // SAFETY: the executor comes from phase 1 of the same operator and is consumed here
             // exactly once; the workspace holds at least `workspace_size` bytes (or is null for
             // 0); the tensors the executor refers to are borrowed for `'t`, and their memory (and
             // the workspace's) is not freed before the mark recorded after this launch completes.
-            let code = unsafe { (self.launch)(ptr, self.workspace_size, executor, stream.raw()) };
-            call(self.device.api(), code.check(self.op))
+            let code = unsafe { launch(ptr, size, executor, stream.raw()) };
+            call(device.api(), code.check(op))
         })
     }
 }
@@ -110,7 +115,10 @@ impl Drop for Plan<'_> {
         if self.executor.is_null() {
             return;
         }
-        // SAFETY: an executor from phase 1 that was never launched, destroyed once.
-        let _ = unsafe { c::aclDestroyAclOpExecutor(self.device.api(), self.executor) };
+        // SAFETY: an executor from phase 1 that was never launched, destroyed once (a failure is
+        // counted, not retried).
+        if unsafe { c::aclDestroyAclOpExecutor(self.device.api(), self.executor) }.is_err() {
+            self.device.runtime().leaks().add(Leak::Executor);
+        }
     }
 }

@@ -110,6 +110,11 @@ pub struct Leaked {
     pub events: u64,
     /// Tensor descriptors whose `aclDestroyTensor` failed.
     pub tensors: u64,
+    /// Unlaunched executors whose `aclDestroyAclOpExecutor` failed.
+    pub executors: u64,
+    /// Devices left set (context not destroyed, `aclrtResetDevice` not called) because
+    /// something on them was leaked: resetting would free it under possibly pending work.
+    pub devices: u64,
 }
 
 /// The counters behind [`Leaked`].
@@ -122,6 +127,8 @@ pub(crate) struct LeakCounters {
     streams: AtomicU64,
     events: AtomicU64,
     tensors: AtomicU64,
+    executors: AtomicU64,
+    devices: AtomicU64,
 }
 
 /// What was leaked, for [`LeakCounters::add`].
@@ -131,6 +138,8 @@ pub(crate) enum Leak {
     Stream,
     Event,
     Tensor,
+    Executor,
+    Device,
 }
 
 impl LeakCounters {
@@ -150,6 +159,8 @@ impl LeakCounters {
             Leak::Stream => add(&self.streams, 1),
             Leak::Event => add(&self.events, 1),
             Leak::Tensor => add(&self.tensors, 1),
+            Leak::Executor => add(&self.executors, 1),
+            Leak::Device => add(&self.devices, 1),
         }
     }
 
@@ -163,6 +174,8 @@ impl LeakCounters {
             streams: get(&self.streams),
             events: get(&self.events),
             tensors: get(&self.tensors),
+            executors: get(&self.executors),
+            devices: get(&self.devices),
         }
     }
 }

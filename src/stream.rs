@@ -88,13 +88,13 @@ impl Drop for Stream {
     fn drop(&mut self) {
         // A stream whose queued work cannot be confirmed finished is leaked, not destroyed.
         if self.synchronize().is_err() {
-            self.device.runtime().leaks().add(Leak::Stream);
+            self.device.leak(Leak::Stream, true);
             return;
         }
         // SAFETY: created by `new`, idle after the synchronize, destroyed exactly once.
         let destroyed = unsafe { c::aclrtDestroyStream(self.device.api(), self.raw()) }.is_ok();
         if !destroyed {
-            self.device.runtime().leaks().add(Leak::Stream);
+            self.device.leak(Leak::Stream, false);
         }
     }
 }

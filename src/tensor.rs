@@ -250,29 +250,48 @@ impl TensorDesc {
 }
 
 impl TensorDesc {
-    /// A FRACTAL_NZ view must fit its storage `(.., N1, K1, K0, C0)`: the view's last two dims,
-    /// in either order (a transposed view swaps them), within `K1 * K0` rows and `N1 * C0`
-    /// columns, and its leading dims within the storage's leading dims. Operators address NZ
-    /// data from the view, so a larger view would reach beyond the buffer.
+    /// A FRACTAL_NZ view must fit its storage `(.., N1, K1, K0, C0)`: offset 0; the view's last
+    /// two dims within `K1 * K0` rows and `N1 * C0` columns (swapped for a transposed view, whose
+    /// second-last stride is 1); its leading dims within the storage's leading dims. Operators
+    /// address NZ data from the view, so a larger view would reach beyond the buffer.
     fn validate_nz(&self) -> Result<()> {
         let (v, s) = (&self.view, &self.storage);
         let refuse = |why: String| {
             Err(Error::invalid(
                 "tensor view",
                 format!("FRACTAL_NZ view {v:?} over storage {s:?}: {why}"),
-                "an NZ storage shape (.., N1, K1, K0, C0) that holds the view's last two dims (either order)                  and its leading dims",
+                "offset 0 and an NZ storage shape (.., N1, K1, K0, C0) that holds the view's last two dims \
+                 (transposed when the second-last stride is 1) and its leading dims",
             ))
         };
         if v.len() < 2 || s.len() < 4 {
             return refuse("the view needs at least 2 dims and the storage at least 4".into());
+        }
+        if self.offset != 0 {
+            return refuse(format!("view offset {}: NZ data is addressed from its base", self.offset));
         }
         let (vr, sr) = (v.len(), s.len());
         let rows = s[sr - 3].checked_mul(s[sr - 2]);
         let cols = s[sr - 4].checked_mul(s[sr - 1]);
         let (a, b) = (v[vr - 2], v[vr - 1]);
         let fits = |r: i64, c: i64| rows.is_some_and(|rows| r <= rows) && cols.is_some_and(|cols| c <= cols);
-        if !fits(a, b) && !fits(b, a) {
-            return refuse(format!("the view's {a} x {b} does not fit the storage's tiles"));
+        // The strides say which way the view reads the tiles: row-major, or transposed (stride
+        // 1 on the second-last dim). A dim of size 1 leaves both readings open (either may fit);
+        // strides that are neither must fit both ways.
+        let (s2, s1) = (self.strides[vr - 2], self.strides[vr - 1]);
+        let row_major = (s1 == 1 || b == 1) && (s2 >= b || a == 1);
+        let transposed = (s2 == 1 || a == 1) && (s1 >= a || b == 1);
+        let fitting = match (row_major, transposed) {
+            (true, false) => fits(a, b),
+            (false, true) => fits(b, a),
+            (true, true) => fits(a, b) || fits(b, a),
+            (false, false) => fits(a, b) && fits(b, a),
+        };
+        if !fitting {
+            return refuse(format!(
+                "the view's {a} x {b} with strides {:?} does not fit the storage's tiles",
+                self.strides
+            ));
         }
         let lead = |d: &[i64]| d.iter().try_fold(1i64, |acc, x| acc.checked_mul(*x));
         match (lead(&v[..vr - 2]), lead(&s[..sr - 4])) {

@@ -142,7 +142,7 @@ fn run(c: Case, swap_nibbles: bool) -> aclnn::Result<(Vec<f32>, Vec<f32>, u64)> 
             .iter()
             .map(|b| if c.bf16 { bf16::from_bits(*b).to_f32() } else { f16::from_bits(*b).to_f32() })
             .collect();
-        (y, d.golden(), ws)
+        (y, d.golden().unwrap(), ws)
     };
     h.assert_clean();
     Ok(out)
@@ -322,4 +322,15 @@ fn null_mandatory_tensors_are_161001() {
     let code = unsafe { f(null, null, null, null, null, null, null, 0, null, &mut ws, &mut exec) };
     assert_eq!(code, 161001);
     h.assert_clean();
+}
+
+#[test]
+fn an_inconsistent_host_problem_is_an_error_not_a_panic() {
+    let mut p = HostW4A16::seeded(2, 64, 16, 32, 1);
+    p.w.truncate(10);
+    let err = p.golden().unwrap_err();
+    assert!(matches!(err, aclnn::Error::InvalidArgument { argument: "w", .. }), "{err}");
+    let mut p = HostW4A16::seeded(2, 64, 16, 32, 1);
+    p.scale.clear();
+    assert!(matches!(p.golden(), Err(aclnn::Error::InvalidArgument { argument: "scale", .. })));
 }

@@ -154,8 +154,35 @@ impl HostW4A16 {
         }
     }
 
-    /// The golden `(m, n)` result, each value rounded to the activation dtype.
-    pub fn golden(&self) -> Vec<f32> {
+    /// Checks that the fields describe one problem (lengths agree with `m`, `k`, `n` and the
+    /// group size).
+    pub fn check(&self) -> Result<()> {
+        let (m, k, n) = (self.m, self.k, self.n);
+        let groups = if self.group_size > 0 { k.div_ceil(self.group_size) } else { 1 };
+        let bad =
+            |what: &'static str, got: usize, want: String| Err(Error::invalid(what, format!("{got} values"), want));
+        if Some(self.x.len()) != m.checked_mul(k) {
+            return bad("x", self.x.len(), format!("m * k = {m} * {k}"));
+        }
+        if Some(self.w.len()) != k.checked_mul(n) {
+            return bad("w", self.w.len(), format!("k * n = {k} * {n}"));
+        }
+        if self.scale.len() != 1 && Some(self.scale.len()) != groups.checked_mul(n) {
+            return bad("scale", self.scale.len(), format!("1, or {groups} * {n} (groups * n)"));
+        }
+        if !self.offset.is_empty() && self.offset.len() != self.scale.len() {
+            return bad("offset", self.offset.len(), format!("none, or {} like the scale", self.scale.len()));
+        }
+        if !self.bias.is_empty() && self.bias.len() != n {
+            return bad("bias", self.bias.len(), format!("none, or n = {n}"));
+        }
+        Ok(())
+    }
+
+    /// The golden `(m, n)` result, each value rounded to the activation dtype; an error if the
+    /// fields are inconsistent (see [`check`](Self::check)).
+    pub fn golden(&self) -> Result<Vec<f32>> {
+        self.check()?;
         let (m, k, n) = (self.m, self.k, self.n);
         let deq: Vec<f32> = (0..k * n)
             .map(|p| {
@@ -176,7 +203,7 @@ impl HostW4A16 {
                 y[i * n + j] = self.round(acc);
             }
         }
-        y
+        Ok(y)
     }
 
     /// Largest `|got - golden| / max(|golden|, 1)`.
@@ -219,6 +246,7 @@ impl HostW4A16 {
     /// `(k, n)`, or as `(n, k)` handed to the matmul transposed), uploads the rest, runs
     /// `aclnnWeightQuantBatchMatmulV2`, and returns `y` and the workspace bytes it used.
     pub fn run_on(&self, stream: &Arc<Stream>, options: PackOptions, transposed: bool) -> Result<(Vec<f32>, usize)> {
+        self.check()?;
         let (m, k, n) = (self.m, self.k, self.n);
         let (source, shape) = if transposed {
             ((0..n * k).map(|p| self.w[(p % k) * n + p / k]).collect::<Vec<i32>>(), [n as i64, k as i64])

@@ -17,6 +17,15 @@ pub(super) fn fill(t: &mut FunctionTable) {
     t.aclnnConvertWeightToINT4Pack = Some(launch);
 }
 
+/// The operator's entry points by name (see `registry`).
+pub(super) fn lookup(name: &str) -> Option<*const c_void> {
+    match name {
+        "aclnnConvertWeightToINT4PackGetWorkspaceSize" => Some(get_workspace_size as *const c_void),
+        "aclnnConvertWeightToINT4Pack" => Some(launch as *const c_void),
+        _ => None,
+    }
+}
+
 /// Phase 1. Like CANN, it never writes `workspace_size` or `executor`.
 unsafe extern "C" fn get_workspace_size(
     weight: *const aclTensor,

@@ -16,6 +16,7 @@ mod event;
 mod faults;
 mod int4pack;
 mod machine;
+mod registry;
 mod runtime;
 mod sanitizer;
 mod tensor;
@@ -97,5 +98,6 @@ pub fn table() -> FunctionTable {
     tensor::fill(&mut t);
     int4pack::fill(&mut t);
     wqbmm::fill(&mut t);
+    t.lookup = Some(registry::lookup);
     t
 }

@@ -28,6 +28,15 @@ pub(super) fn fill(t: &mut FunctionTable) {
     t.aclnnWeightQuantBatchMatmulV2 = Some(launch);
 }
 
+/// The operator's entry points by name (see `registry`).
+pub(super) fn lookup(name: &str) -> Option<*const c_void> {
+    match name {
+        "aclnnWeightQuantBatchMatmulV2GetWorkspaceSize" => Some(get_workspace_size as *const c_void),
+        "aclnnWeightQuantBatchMatmulV2" => Some(launch as *const c_void),
+        _ => None,
+    }
+}
+
 /// Activation precision: also the dtype of scale, offset and output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Precision {
@@ -279,6 +288,7 @@ fn prepare(args: [*const aclTensor; 8], group_size: c_int) -> Result<Job, aclnnS
     // INT32-packed weights are re-described as INT4: the packed dim times 8.
     if weight.dtype == sys::ACL_INT32 {
         weight.dtype = sys::ACL_INT4;
+        weight.offset = weight.offset.saturating_mul(8); // elements: eight int4 per int32
         if weight_transposed {
             weight.view[0] = weight.view[0].saturating_mul(8);
             weight.strides = vec![1, weight.view[0]];

@@ -1,8 +1,9 @@
 //! The function table: the one seam between the safe layer and a backend.
 
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use crate::generated::{for_each_function, pfn};
 use crate::loader::{LoadError, Loader, LoaderConfig};
@@ -11,13 +12,22 @@ macro_rules! define_api {
     ($($name:ident),* $(,)?) => {
         /// A complete set of C entry points supplied by a backend other than the loader
         /// (for example a simulated device). `None` entries report [`LoadError::NotProvided`].
+        ///
+        /// Non-exhaustive, so that binding a new function is not a breaking change: start from
+        /// [`FunctionTable::default()`] and set the entries the backend provides. Functions the
+        /// table does not name (most operators) come from [`lookup`](Self::lookup).
         #[derive(Clone, Copy, Default)]
         #[allow(non_snake_case)]
+        #[non_exhaustive]
         pub struct FunctionTable {
             $(
                 #[doc = concat!("`", stringify!($name), "`")]
                 pub $name: Option<pfn::$name>,
             )*
+            /// Resolves any other C function by name (e.g. a registry of operators), for
+            /// [`Api::symbol`]. The address must be that of a function with the C signature of
+            /// that name.
+            pub lookup: Option<fn(&str) -> Option<*const c_void>>,
         }
 
         impl fmt::Debug for FunctionTable {
@@ -32,6 +42,14 @@ macro_rules! define_api {
                 let mut out = Vec::new();
                 $( if self.$name.is_some() { out.push(stringify!($name)); } )*
                 out
+            }
+
+            /// The fixed entry named `name`, as an address.
+            fn entry(&self, name: &str) -> Option<*const c_void> {
+                match name {
+                    $( stringify!($name) => self.$name.map(|f| f as *const c_void), )*
+                    _ => None,
+                }
             }
         }
 
@@ -90,6 +108,8 @@ enum Source {
 struct Dynamic {
     loader: Loader,
     resolved: Resolved,
+    /// Symbols resolved by name ([`Api::symbol`]), successes only (a failure is retried).
+    named: Mutex<HashMap<String, usize>>,
 }
 
 impl Api {
@@ -98,12 +118,56 @@ impl Api {
     pub fn load(config: LoaderConfig) -> Result<Api, LoadError> {
         let loader = Loader::new(config);
         loader.open_runtime()?;
-        Ok(Api { source: Source::Dynamic(Box::new(Dynamic { loader, resolved: Resolved::default() })) })
+        Ok(Api {
+            source: Source::Dynamic(Box::new(Dynamic {
+                loader,
+                resolved: Resolved::default(),
+                named: Mutex::new(HashMap::new()),
+            })),
+        })
     }
 
     /// Uses a backend's own table of entry points.
     pub fn from_table(table: FunctionTable) -> Api {
         Api { source: Source::Table(Box::new(table)) }
+    }
+
+    /// Any exported C function by name, typed by the caller: operators the table does not bind
+    /// (`aclnnXxxGetWorkspaceSize` / `aclnnXxx`), from the operator libraries (loader) or the
+    /// backend's [`FunctionTable::lookup`]. Resolved once per name and cached.
+    ///
+    /// # Safety
+    /// `F` must be the `unsafe extern "C" fn` pointer type of the C declaration of `name`.
+    pub unsafe fn symbol<F: Copy>(&self, name: &str) -> Result<F, LoadError> {
+        const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<*const c_void>()) };
+        let address = self.address(name)?;
+        // SAFETY: `F` is a function pointer type of the symbol's signature (the caller's
+        // contract), the same size as the non-null address (asserted above).
+        Ok(unsafe { std::mem::transmute_copy::<*const c_void, F>(&address) })
+    }
+
+    /// The non-null address of `name`.
+    fn address(&self, name: &str) -> Result<*const c_void, LoadError> {
+        let missing = || LoadError::Unresolved { symbol: name.to_string(), searched: Vec::new() };
+        match &self.source {
+            Source::Table(table) => table
+                .entry(name)
+                .or_else(|| table.lookup.and_then(|lookup| lookup(name)))
+                .filter(|p| !p.is_null())
+                .ok_or_else(missing),
+            Source::Dynamic(dynamic) => {
+                let mut named = dynamic.named.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(&address) = named.get(name) {
+                    return Ok(address as *const c_void);
+                }
+                let address = dynamic.loader.resolve_named(name)?;
+                if address.is_null() {
+                    return Err(missing());
+                }
+                named.insert(name.to_string(), address as usize);
+                Ok(address)
+            }
+        }
     }
 
     /// `true` when the functions come from shared libraries opened by the loader.

@@ -26,7 +26,9 @@ pub enum LibraryGroup {
     Runtime,
     /// Tensor descriptors and executors: `libnnopbase.so`.
     Nnopbase,
-    /// aclnn operators: `libopapi_nn.so` (CANN 8.5+), `libopapi.so`, `libaclnn_ops_infer.so`.
+    /// aclnn operators: the per-repository `libopapi_nn.so` and `libopapi_math.so` (CANN 8.5+),
+    /// else the aggregate `libopapi.so` and the `libaclnn_ops_infer.so` / `libaclnn_math.so`
+    /// domains of older releases (never both generations at once).
     Operators,
 }
 
@@ -36,7 +38,9 @@ impl LibraryGroup {
         match self {
             LibraryGroup::Runtime => &["libascendcl.so", "libacl_rt.so"],
             LibraryGroup::Nnopbase => &["libnnopbase.so"],
-            LibraryGroup::Operators => &["libopapi_nn.so", "libopapi.so", "libaclnn_ops_infer.so"],
+            LibraryGroup::Operators => {
+                &["libopapi_nn.so", "libopapi_math.so", "libopapi.so", "libaclnn_ops_infer.so", "libaclnn_math.so"]
+            }
         }
     }
 
@@ -85,6 +89,14 @@ pub enum LoadError {
         /// The C symbol.
         symbol: &'static str,
         /// The libraries searched.
+        searched: Vec<String>,
+    },
+    /// A symbol named at run time was found in no library (or the backend has no lookup).
+    #[error("symbol `{symbol}` is not provided by the backend (searched: {})", if searched.is_empty() { "no libraries".to_string() } else { searched.join(", ") })]
+    Unresolved {
+        /// The C symbol.
+        symbol: String,
+        /// The libraries searched (empty for a table backend).
         searched: Vec<String>,
     },
     /// A table-based backend does not provide this function.
@@ -197,16 +209,32 @@ impl Loader {
     /// Address of `symbol` in the first library of its group that exports it.
     pub(crate) fn resolve(&self, symbol: &'static str) -> Result<*mut c_void, LoadError> {
         let libs = self.group(LibraryGroup::of_symbol(symbol))?;
-        for opened in libs {
-            // SAFETY: the symbol is only read as an address here; the caller gives it the
-            // function type generated from the C declaration of the same name.
-            let found = unsafe { opened.lib.get::<*mut c_void>(symbol) };
-            if let Ok(sym) = found {
-                return Ok(*sym);
-            }
-        }
-        Err(LoadError::SymbolMissing { symbol, searched: libs.iter().map(|l| l.path.clone()).collect() })
+        find(libs, symbol)
+            .ok_or_else(|| LoadError::SymbolMissing { symbol, searched: libs.iter().map(|l| l.path.clone()).collect() })
     }
+
+    /// Address of a symbol named at run time (operators the table does not bind).
+    pub(crate) fn resolve_named(&self, symbol: &str) -> Result<*mut c_void, LoadError> {
+        let libs = self.group(LibraryGroup::of_symbol(symbol))?;
+        find(libs, symbol).ok_or_else(|| LoadError::Unresolved {
+            symbol: symbol.to_string(),
+            searched: libs.iter().map(|l| l.path.clone()).collect(),
+        })
+    }
+}
+
+/// The address of `symbol` in the first of `libs` that exports it.
+fn find(libs: &[Opened], symbol: &str) -> Option<*mut c_void> {
+    libs.iter().find_map(|opened| {
+        // SAFETY: the symbol is only read as an address here; the caller gives it the function
+        // type of the C declaration of the same name.
+        unsafe { opened.lib.get::<*mut c_void>(symbol.as_bytes()) }.ok().map(|sym| *sym)
+    })
+}
+
+/// A per-repository operator library of CANN 8.5+ (`libopapi_<repo>.so`).
+fn is_per_repo(name: &str) -> bool {
+    name.starts_with("libopapi_")
 }
 
 fn open_group(config: &LoaderConfig, group: LibraryGroup) -> Result<Vec<Opened>, LoadError> {
@@ -218,6 +246,10 @@ fn open_group(config: &LoaderConfig, group: LibraryGroup) -> Result<Vec<Opened>,
         if names_done.contains(&file_name) {
             continue;
         }
+        // Operators: never mix the per-repository libraries with the deprecated aggregate.
+        if group == LibraryGroup::Operators && !is_per_repo(file_name) && names_done.iter().any(|n| is_per_repo(n)) {
+            break;
+        }
         // A path with a directory that does not exist is reported without asking dlopen.
         if candidate.parent().is_some_and(|p| !p.as_os_str().is_empty()) && !candidate.exists() {
             tried.push(format!("{}: no such file", candidate.display()));
@@ -228,11 +260,11 @@ fn open_group(config: &LoaderConfig, group: LibraryGroup) -> Result<Vec<Opened>,
                 let name = group.file_names().iter().find(|n| **n == file_name).copied().unwrap_or("");
                 names_done.push(name);
                 opened.push(Opened { path: candidate.display().to_string(), lib: std::mem::ManuallyDrop::new(lib) });
-                // The runtime and nnopbase need one file. Operators: CANN 8.5+ ships per-repository
-                // libraries (libopapi_nn.so) that must not be mixed with the deprecated aggregate
-                // libopapi.so; older releases split operators over libopapi.so and the
-                // libaclnn_*.so domains, which are all kept.
-                if group != LibraryGroup::Operators || name == "libopapi_nn.so" {
+                // nnopbase is one file. The runtime may be split: recent CANN ships libacl_rt.so
+                // beside libascendcl.so, with some symbols only in the former, so both are kept
+                // and searched in that order. Operators: every library found is kept (the check
+                // above keeps the two generations apart).
+                if group == LibraryGroup::Nnopbase {
                     break;
                 }
             }
