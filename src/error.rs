@@ -149,8 +149,7 @@ pub(crate) fn recent_message(api: &sys::Api) -> Option<String> {
 /// Whether a C function belongs to aclnn (nnopbase descriptors and operators), whose codes are
 /// `aclnnStatus`, rather than to the ACL runtime.
 fn is_aclnn_layer(api: &str) -> bool {
-    api.starts_with("aclnn")
-        || matches!(api, "aclCreateTensor" | "aclInitTensor" | "aclDestroyTensor" | "aclDestroyAclOpExecutor")
+    api.starts_with("aclnn") || aclnn_sys::LibraryGroup::of_symbol(api) == aclnn_sys::LibraryGroup::Nnopbase
 }
 
 /// Converts the outcome of a call through the result layer ([`aclnn_sys::result`]) into this

@@ -27,11 +27,13 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod args;
 mod backend;
 mod device;
 mod error;
 mod event;
 pub mod kernels;
+pub mod kit;
 mod memory;
 pub mod ops;
 mod ordering;
@@ -40,6 +42,7 @@ mod runtime;
 pub mod soc;
 mod stream;
 mod tensor;
+mod tensor_list;
 mod workspace;
 
 #[cfg(feature = "sim")]
@@ -47,6 +50,7 @@ mod workspace;
 pub mod sim;
 
 pub use aclnn_sys as sys;
+pub use args::{BoolArray, FloatArray, IntArray, Scalar, ScalarValue};
 pub use backend::{BACKEND_ENV, backend_from_env};
 pub use device::{Device, MemoryInfo};
 pub use error::{Error, Result, aclnn_code_name, runtime_code_name};
@@ -56,5 +60,6 @@ pub use plan::Plan;
 pub use runtime::{Backend, Leaked, Runtime};
 pub use soc::{ChipFamily, Container};
 pub use stream::Stream;
-pub use tensor::{DType, Format, MAX_RANK, Tensor, TensorDesc, contiguous_strides};
+pub use tensor::{DType, Format, MAX_RANK, Tensor, TensorDesc, TensorMut, contiguous_strides};
+pub use tensor_list::{TensorList, TensorListMut};
 pub use workspace::Workspace;

@@ -61,6 +61,18 @@ impl<'t> Plan<'t> {
             .map(|t| (t.tracker(), Access::Read))
             .chain(writes.iter().map(|t| (t.tracker(), Access::Write)))
             .collect();
+        Plan::from_operands(op, device, workspace_size, executor, launch, operands)
+    }
+
+    /// Wraps phase 1's outputs with the memory phase 2 reads and writes.
+    pub(crate) fn from_operands(
+        op: &'static str,
+        device: Arc<Device>,
+        workspace_size: u64,
+        executor: *mut aclOpExecutor,
+        launch: LaunchFn,
+        operands: Vec<(&'t Tracker, Access)>,
+    ) -> Plan<'t> {
         Plan { op, device, workspace_size, executor, launch, operands, _tensors: PhantomData }
     }
 
@@ -120,5 +132,16 @@ impl Drop for Plan<'_> {
         if unsafe { c::aclDestroyAclOpExecutor(self.device.api(), self.executor) }.is_err() {
             self.device.runtime().leaks().add(Leak::Executor);
         }
+    }
+}
+
+impl std::fmt::Debug for Plan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("op", &self.op)
+            .field("device", &self.device.id())
+            .field("workspace_size", &self.workspace_size)
+            .field("operands", &self.operands.len())
+            .finish()
     }
 }

@@ -108,8 +108,8 @@ pub struct Leaked {
     pub streams: u64,
     /// Events not destroyed.
     pub events: u64,
-    /// Tensor descriptors whose `aclDestroyTensor` failed.
-    pub tensors: u64,
+    /// Descriptors (tensors, tensor lists, scalars, arrays) whose destroy call failed.
+    pub descriptors: u64,
     /// Unlaunched executors whose `aclDestroyAclOpExecutor` failed.
     pub executors: u64,
     /// Devices left set (context not destroyed, `aclrtResetDevice` not called) because
@@ -126,7 +126,7 @@ pub(crate) struct LeakCounters {
     host_bytes: AtomicU64,
     streams: AtomicU64,
     events: AtomicU64,
-    tensors: AtomicU64,
+    descriptors: AtomicU64,
     executors: AtomicU64,
     devices: AtomicU64,
 }
@@ -137,7 +137,7 @@ pub(crate) enum Leak {
     HostBuffer(usize),
     Stream,
     Event,
-    Tensor,
+    Descriptor,
     Executor,
     Device,
 }
@@ -158,7 +158,7 @@ impl LeakCounters {
             }
             Leak::Stream => add(&self.streams, 1),
             Leak::Event => add(&self.events, 1),
-            Leak::Tensor => add(&self.tensors, 1),
+            Leak::Descriptor => add(&self.descriptors, 1),
             Leak::Executor => add(&self.executors, 1),
             Leak::Device => add(&self.devices, 1),
         }
@@ -173,7 +173,7 @@ impl LeakCounters {
             host_bytes: get(&self.host_bytes),
             streams: get(&self.streams),
             events: get(&self.events),
-            tensors: get(&self.tensors),
+            descriptors: get(&self.descriptors),
             executors: get(&self.executors),
             devices: get(&self.devices),
         }

@@ -301,6 +301,19 @@ impl TensorDesc {
     }
 }
 
+/// Checks that `desc` is well formed and its storage fits in `capacity` bytes.
+fn check_fits(desc: &TensorDesc, capacity: usize) -> Result<()> {
+    let needed = desc.storage_bytes()?;
+    if needed > capacity as u64 {
+        return Err(Error::invalid(
+            "tensor storage",
+            format!("{:?} {:?} needs {needed} bytes but the buffer holds {capacity}", desc.dtype, desc.storage),
+            "a buffer at least as large as the storage shape",
+        ));
+    }
+    Ok(())
+}
+
 /// A live `aclTensor` describing device memory it borrows (`'a`) or owns.
 ///
 /// `Send` but not `Sync`: nnopbase promises nothing about one descriptor used by two threads at
@@ -321,6 +334,10 @@ pub struct Tensor<'a> {
     tracker: Arc<Tracker>,
     capacity: usize,
     writable: bool,
+    /// The device address the descriptor points at (kept for `reinit`).
+    data: usize,
+    /// `false` once a tensor list owns the descriptor (the list destroys it).
+    destroy: bool,
     owned: Option<Box<dyn Any + Send + Sync>>,
     _borrow: PhantomData<&'a ()>,
 }
@@ -339,24 +356,12 @@ impl<'a> Tensor<'a> {
     }
 
     /// A writable tensor over `buffer` (operator outputs).
-    pub fn new_mut<T: DeviceRepr>(buffer: &'a mut DeviceBuffer<T>, desc: TensorDesc) -> Result<Tensor<'a>> {
-        Self::create(buffer, desc, true)
+    pub fn new_mut<T: DeviceRepr>(buffer: &'a mut DeviceBuffer<T>, desc: TensorDesc) -> Result<TensorMut<'a>> {
+        Self::create(buffer, desc, true).map(TensorMut)
     }
 
     fn create<T: DeviceRepr>(buffer: &DeviceBuffer<T>, desc: TensorDesc, writable: bool) -> Result<Tensor<'a>> {
-        let needed = desc.storage_bytes()?;
-        if needed > buffer.byte_len() as u64 {
-            return Err(Error::invalid(
-                "tensor storage",
-                format!(
-                    "{:?} {:?} needs {needed} bytes but the buffer holds {}",
-                    desc.dtype,
-                    desc.storage,
-                    buffer.byte_len()
-                ),
-                "a buffer at least as large as the storage shape",
-            ));
-        }
+        check_fits(&desc, buffer.byte_len())?;
         let device = buffer.device();
         device.bind()?;
         let api = device.api();
@@ -385,6 +390,8 @@ impl<'a> Tensor<'a> {
             tracker: buffer.tracker().clone(),
             capacity: buffer.byte_len(),
             writable,
+            data: buffer.as_raw() as usize,
+            destroy: true,
             owned: None,
             _borrow: PhantomData,
         })
@@ -419,33 +426,114 @@ impl<'a> Tensor<'a> {
     pub(crate) fn tracker(&self) -> &Tracker {
         &self.tracker
     }
+
+    /// Hands the descriptor to a tensor list, which destroys it (`aclDestroyTensorList`).
+    pub(crate) fn give_to_list(&mut self) {
+        self.destroy = false;
+    }
+
+    /// Re-describes the same memory in place (`aclInitTensor`), after the same checks as
+    /// construction: the new storage must fit the buffer and the view the storage. The
+    /// descriptor keeps its identity (a plan borrowing it cannot exist meanwhile: `&mut self`).
+    pub fn reinit(&mut self, desc: TensorDesc) -> Result<()> {
+        check_fits(&desc, self.capacity)?;
+        let device = self.stream.device().clone();
+        device.bind()?;
+        let api = device.api();
+        // SAFETY: the descriptor is live and exclusively borrowed; the arrays live for the call
+        // with their lengths; the address is the buffer this tensor was made from, which still
+        // holds the (checked) storage.
+        call(api, unsafe {
+            c::aclInitTensor(
+                api,
+                self.raw.as_ptr(),
+                desc.view.as_ptr(),
+                desc.view.len() as u64,
+                desc.dtype.raw(),
+                desc.strides.as_ptr(),
+                desc.offset,
+                desc.format.raw(),
+                desc.storage.as_ptr(),
+                desc.storage.len() as u64,
+                self.data as *mut std::ffi::c_void,
+            )
+        })?;
+        self.desc = desc;
+        Ok(())
+    }
 }
 
 impl Tensor<'static> {
-    /// A writable tensor that owns `buffer`; [`Tensor::into_buffer`] gives it back.
-    pub fn owned<T: DeviceRepr>(buffer: DeviceBuffer<T>, desc: TensorDesc) -> Result<Tensor<'static>> {
+    /// A writable tensor that owns `buffer`; [`TensorMut::into_buffer`] gives it back.
+    pub fn owned<T: DeviceRepr>(buffer: DeviceBuffer<T>, desc: TensorDesc) -> Result<TensorMut<'static>> {
         let boxed: Box<DeviceBuffer<T>> = Box::new(buffer);
         let mut tensor = Self::create(&*boxed, desc, true)?;
         tensor.owned = Some(boxed);
-        Ok(tensor)
+        Ok(TensorMut(tensor))
     }
+}
 
+/// A tensor operators may write through: made from a mutably borrowed buffer
+/// ([`Tensor::new_mut`]) or an owned one ([`Tensor::owned`]). Writability is this type, not a
+/// flag checked at run time: an operator's outputs take `&mut TensorMut`, and a read-only
+/// [`Tensor`] cannot be passed there. It dereferences to [`Tensor`] for everything an input can
+/// do.
+///
+/// ```compile_fail,E0308
+/// # fn f(stream: &std::sync::Arc<aclnn::Stream>, weight: &aclnn::Tensor<'_>) -> aclnn::Result<()> {
+/// let buffer = aclnn::DeviceBuffer::<i32>::alloc(stream, 8)?;
+/// let mut read_only = aclnn::Tensor::new(&buffer, aclnn::TensorDesc::nd(aclnn::DType::Int32, &[8, 1]))?;
+/// aclnn::ops::int4pack::convert_weight_to_int4_pack_plan(weight, &mut read_only)?; // error: expected `TensorMut`
+/// # Ok(()) }
+/// ```
+pub struct TensorMut<'a>(Tensor<'a>);
+
+impl<'a> std::ops::Deref for TensorMut<'a> {
+    type Target = Tensor<'a>;
+    fn deref(&self) -> &Tensor<'a> {
+        &self.0
+    }
+}
+
+impl<'a> std::ops::DerefMut for TensorMut<'a> {
+    fn deref_mut(&mut self) -> &mut Tensor<'a> {
+        &mut self.0
+    }
+}
+
+impl TensorMut<'static> {
     /// Destroys the descriptor and returns the owned buffer (`None` if it borrowed, or if `T`
     /// is not the buffer's element type).
     pub fn into_buffer<T: DeviceRepr>(mut self) -> Option<DeviceBuffer<T>> {
-        self.owned.take().and_then(|b| b.downcast::<DeviceBuffer<T>>().ok()).map(|b| *b)
+        self.0.owned.take().and_then(|b| b.downcast::<DeviceBuffer<T>>().ok()).map(|b| *b)
+    }
+}
+
+impl<'a> TensorMut<'a> {
+    /// The tensor, for a list of outputs ([`TensorList`](crate::TensorList)).
+    pub(crate) fn into_inner(self) -> Tensor<'a> {
+        self.0
+    }
+}
+
+impl fmt::Debug for TensorMut<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
     }
 }
 
 impl Drop for Tensor<'_> {
     fn drop(&mut self) {
+        if !self.destroy {
+            return; // a tensor list destroys it
+        }
         let api = self.stream.device().api();
         // SAFETY: created by aclCreateTensor in `create` and destroyed here only, once: a failed
         // call is not retried (the library may have released the descriptor before reporting
         // the error, and a second call would then be a double free).
         let destroyed = unsafe { c::aclDestroyTensor(api, self.raw.as_ptr()) }.is_ok();
         if !destroyed {
-            self.stream.device().runtime().leaks().add(Leak::Tensor);
+            self.stream.device().runtime().leaks().add(Leak::Descriptor);
         }
         // `owned` (if any) drops after the descriptor, freeing the memory last.
     }

@@ -522,7 +522,7 @@ fn failed_destroy_tensor_in_drop_is_counted_not_retried() {
     assert_eq!(failed.len(), 1, "the injected failure happened");
     assert!(result.is_ok(), "{result:?}");
     assert_eq!(live, 1, "the descriptor whose destroy failed is leaked, not destroyed again");
-    assert_eq!(runtime.leaked().tensors, 1, "and counted");
+    assert_eq!(runtime.leaked().descriptors, 1, "and counted");
     destroy_raw_tensor(&runtime, failed[0]);
     h.assert_clean();
 }

@@ -20,7 +20,7 @@ use crate::ordering::{self, Access};
 use crate::plan::Plan;
 use crate::soc::{ChipFamily, Container};
 use crate::stream::Stream;
-use crate::tensor::{DType, Format, Tensor, TensorDesc, contiguous_strides};
+use crate::tensor::{DType, Format, Tensor, TensorDesc, TensorMut, contiguous_strides};
 use crate::workspace::Workspace;
 
 /// What the source weights are.
@@ -303,17 +303,11 @@ fn operator_write_bytes(weight: &TensorDesc, pack: &TensorDesc, family: ChipFami
 ///
 /// Before calling CANN it synchronizes the streams of both tensors (the operator copies with the
 /// synchronous `aclrtMemcpy` and ignores streams), and it refuses what would corrupt memory or
-/// data: a read-only `pack`, a view offset (ignored by the operator), a write larger than the
+/// data (a read-only `pack` cannot even be passed: it takes a [`TensorMut`]): a view offset (ignored by the operator), a write larger than the
 /// pack's buffer, and unaligned 3D FRACTAL_NZ. Everything else is left to the operator's own
 /// checks, whose status code comes back as [`Error::Aclnn`].
-pub fn convert_weight_to_int4_pack_plan<'t>(weight: &'t Tensor<'_>, pack: &'t mut Tensor<'_>) -> Result<Plan<'t>> {
-    if !pack.is_writable() {
-        return Err(Error::invalid(
-            "weightInt4Pack",
-            "the tensor is read-only",
-            "a tensor made with Tensor::new_mut or Tensor::owned",
-        ));
-    }
+pub fn convert_weight_to_int4_pack_plan<'t>(weight: &'t Tensor<'_>, pack: &'t mut TensorMut<'_>) -> Result<Plan<'t>> {
+    let pack: &'t Tensor<'_> = pack;
     if !Arc::ptr_eq(weight.stream().device(), pack.stream().device()) {
         return Err(Error::invalid(
             "weightInt4Pack",

@@ -1,4 +1,5 @@
 //! aclnn operators.
 
+pub mod cast;
 pub mod int4pack;
 pub mod wqbmm;

@@ -12,7 +12,7 @@ use crate::memory::DeviceBuffer;
 use crate::ops::int4pack::{PackOptions, convert_weight_to_int4_pack};
 use crate::plan::Plan;
 use crate::stream::Stream;
-use crate::tensor::{DType, Tensor, TensorDesc};
+use crate::tensor::{DType, Tensor, TensorDesc, TensorMut};
 use crate::workspace::Workspace;
 
 /// The inputs of one weight-quantised matmul. `y` (the output) is passed to [`plan`](Self::plan)
@@ -56,14 +56,8 @@ impl<'a> WeightQuantMatmul<'a> {
     }
 
     /// Phase 1: validates (in CANN) and returns the plan with its workspace size.
-    pub fn plan<'p>(&'p self, y: &'p mut Tensor<'_>) -> Result<Plan<'p>> {
-        if !y.is_writable() {
-            return Err(Error::invalid(
-                "y",
-                "the tensor is read-only",
-                "a tensor made with Tensor::new_mut or Tensor::owned",
-            ));
-        }
+    pub fn plan<'p>(&'p self, y: &'p mut TensorMut<'_>) -> Result<Plan<'p>> {
+        let y: &'p Tensor<'_> = y;
         let device = y.stream().device().clone();
         if let Some(other) = self.inputs().find(|t| !Arc::ptr_eq(t.stream().device(), &device)) {
             return Err(Error::invalid(
@@ -105,7 +99,7 @@ impl<'a> WeightQuantMatmul<'a> {
     /// streams are waited for on the device, so the matmul never reads half-written data, and
     /// no operand (nor the workspace) is freed before it has run; the result is ready once
     /// `stream` is synchronized, or for any later use of `y`'s buffer.
-    pub fn run(&self, y: &mut Tensor<'_>, stream: &Arc<Stream>, workspace: &mut Workspace) -> Result<()> {
+    pub fn run(&self, y: &mut TensorMut<'_>, stream: &Arc<Stream>, workspace: &mut Workspace) -> Result<()> {
         self.plan(y)?.launch(stream, workspace)
     }
 }

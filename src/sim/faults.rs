@@ -9,7 +9,7 @@ struct Fault {
     code: i32,
 }
 
-static FAULTS: Mutex<Option<HashMap<&'static str, Vec<Fault>>>> = Mutex::new(None);
+static FAULTS: Mutex<Option<HashMap<String, Vec<Fault>>>> = Mutex::new(None);
 static CALLS: Mutex<Option<HashMap<&'static str, u64>>> = Mutex::new(None);
 
 /// How many times each simulated C function was called since the last [`reset_call_counts`]
@@ -24,16 +24,15 @@ pub fn reset_call_counts() {
 }
 
 /// Makes call number `nth` (1 = the next call) of `api` return `code` without doing anything.
-/// Returns `false` (and arms nothing) if `api` is not a simulated function name or `nth` is 0.
+/// Returns `false` (and arms nothing) if `api` is not a simulated function (of the fixed table or
+/// of the operator registry) or `nth` is 0.
 pub fn inject_fault(api: &str, nth: u64, code: i32) -> bool {
-    let Some(name) = aclnn_sys::FUNCTION_NAMES.iter().copied().find(|n| *n == api) else {
-        return false;
-    };
-    if nth == 0 {
+    let known = aclnn_sys::FUNCTION_NAMES.contains(&api) || super::registry::lookup(api).is_some();
+    if !known || nth == 0 {
         return false;
     }
     let mut guard = FAULTS.lock().unwrap_or_else(|e| e.into_inner());
-    guard.get_or_insert_with(HashMap::new).entry(name).or_default().push(Fault { skip: nth - 1, code });
+    guard.get_or_insert_with(HashMap::new).entry(api.to_string()).or_default().push(Fault { skip: nth - 1, code });
     true
 }
 

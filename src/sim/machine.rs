@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 use aclnn_sys as sys;
 
 use super::sanitizer::{self, Access, Clock, Epoch, HOST, History};
-use super::tensor::SimTensor;
+use super::tensor::{SimArg, SimTensor};
 use super::{SimConfig, SimError};
 
 /// First simulated device address. Above every user-space address on x86-64 and aarch64, so a
@@ -69,6 +69,8 @@ pub struct SimStats {
     pub live_contexts: usize,
     /// Live tensor descriptors.
     pub live_tensors: usize,
+    /// Live scalars, int/float/bool arrays and tensor lists.
+    pub live_descriptors: usize,
     /// Live pinned host buffers.
     pub live_host_buffers: usize,
     /// Operator executors from phase 1 never launched nor destroyed.
@@ -204,6 +206,8 @@ pub(crate) struct Machine {
     pub streams: HashMap<u64, Stream>,
     /// Tensor descriptors by handle, kept inside the machine (behind its lock).
     pub tensors: HashMap<u64, SimTensor>,
+    /// Scalars, arrays and tensor lists by handle.
+    pub args: HashMap<u64, SimArg>,
     pub events: HashMap<u64, SimEvent>,
     /// Executors handed out by phase 1 and not yet launched or destroyed, by handle.
     pub executors: HashMap<u64, Box<dyn std::any::Any + Send>>,
@@ -279,6 +283,7 @@ impl Machine {
             contexts: HashMap::new(),
             streams: HashMap::new(),
             tensors: HashMap::new(),
+            args: HashMap::new(),
             events: HashMap::new(),
             executors: HashMap::new(),
             next_handle: HANDLE_BASE,
@@ -779,6 +784,7 @@ pub(crate) fn configure(config: SimConfig) -> Result<(), SimError> {
         let initialized = m.initialized;
         let keep = (std::mem::take(&mut m.leaks), std::mem::take(&mut m.violations), m.counters);
         let tensors = std::mem::take(&mut m.tensors);
+        let args = std::mem::take(&mut m.args);
         let executors = std::mem::take(&mut m.executors);
         let host = std::mem::take(&mut m.host_buffers);
         let (history, host_clock, next_handle) =
@@ -787,6 +793,7 @@ pub(crate) fn configure(config: SimConfig) -> Result<(), SimError> {
         m.initialized = initialized;
         (m.leaks, m.violations, m.counters) = keep;
         m.tensors = tensors;
+        m.args = args;
         m.executors = executors;
         m.host_buffers = host;
         (m.history, m.host_clock, m.next_handle) = (history, host_clock, next_handle);
@@ -802,6 +809,7 @@ pub fn stats() -> SimStats {
         live_streams: m.streams.values().filter(|s| s.user).count(),
         live_contexts: m.contexts.values().filter(|c| c.user).count(),
         live_tensors: m.tensors.len(),
+        live_descriptors: m.args.len(),
         live_host_buffers: m.host_buffers.len(),
         live_executors: m.executors.len(),
         live_events: m.events.len(),

@@ -11,6 +11,7 @@
 //! The simulated machine is process-wide, like a real driver. [`install`] (re)configures it while
 //! it is idle and returns its function table.
 
+mod elementwise;
 mod errmsg;
 mod event;
 mod faults;
@@ -96,6 +97,7 @@ pub fn table() -> FunctionTable {
     let mut t = FunctionTable::default();
     runtime::fill(&mut t);
     tensor::fill(&mut t);
+    tensor::fill_args(&mut t);
     int4pack::fill(&mut t);
     wqbmm::fill(&mut t);
     t.lookup = Some(registry::lookup);

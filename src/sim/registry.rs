@@ -4,10 +4,10 @@
 
 use std::ffi::c_void;
 
-use super::{int4pack, wqbmm};
+use super::{elementwise, int4pack, wqbmm};
 
 /// The operator modules, each resolving its own `aclnnXxxGetWorkspaceSize` / `aclnnXxx`.
-const MODULES: &[fn(&str) -> Option<*const c_void>] = &[int4pack::lookup, wqbmm::lookup];
+const MODULES: &[fn(&str) -> Option<*const c_void>] = &[int4pack::lookup, wqbmm::lookup, elementwise::lookup];
 
 /// The address of the simulated C function `name`, if the simulator has it.
 pub(super) fn lookup(name: &str) -> Option<*const c_void> {

@@ -227,3 +227,153 @@ unsafe extern "C" fn destroy_executor(executor: *mut sys::aclOpExecutor) -> acln
         }
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Scalars, arrays and tensor lists
+// ---------------------------------------------------------------------------------------------
+
+/// The non-tensor descriptors nnopbase hands out, kept inside the machine by handle.
+#[derive(Clone, Debug)]
+pub(crate) enum SimArg {
+    /// `aclScalar`: a dtype and the value's bytes (little-endian, as the host wrote them).
+    Scalar { dtype: sys::aclDataType, bytes: Vec<u8> },
+    /// `aclIntArray`.
+    Ints(Vec<i64>),
+    /// `aclFloatArray` (kept so the kind is created, validated and counted; no simulated
+    /// operator reads one yet).
+    #[allow(dead_code)]
+    Floats(Vec<f32>),
+    /// `aclBoolArray` (likewise).
+    #[allow(dead_code)]
+    Bools(Vec<bool>),
+    /// `aclTensorList`: the handles of the descriptors it owns.
+    Tensors(Vec<u64>),
+}
+
+pub(super) fn fill_args(t: &mut FunctionTable) {
+    t.aclCreateScalar = Some(create_scalar);
+    t.aclDestroyScalar = Some(destroy_scalar);
+    t.aclCreateIntArray = Some(create_int_array);
+    t.aclDestroyIntArray = Some(destroy_int_array);
+    t.aclCreateFloatArray = Some(create_float_array);
+    t.aclDestroyFloatArray = Some(destroy_float_array);
+    t.aclCreateBoolArray = Some(create_bool_array);
+    t.aclDestroyBoolArray = Some(destroy_bool_array);
+    t.aclCreateTensorList = Some(create_tensor_list);
+    t.aclDestroyTensorList = Some(destroy_tensor_list);
+}
+
+/// Registers `arg` and returns its handle as the C pointer type `T`.
+fn register<T>(arg: SimArg) -> *mut T {
+    let h = machine::with(|m| {
+        let h = m.new_handle();
+        m.args.insert(h, arg);
+        h
+    });
+    h as usize as *mut T
+}
+
+/// Reads `n` elements from a C array (empty for null or 0, as nnopbase does).
+///
+/// # Safety
+/// A non-null `ptr` must be valid for `n` reads.
+unsafe fn read_array<T: Copy>(ptr: *const T, n: u64) -> Option<Vec<T>> {
+    if ptr.is_null() || n == 0 {
+        return Some(Vec::new());
+    }
+    let n = usize::try_from(n).ok().filter(|n| *n <= (1 << 28))?;
+    // SAFETY: non-null and valid for `n` reads by the caller's contract.
+    Some(unsafe { std::slice::from_raw_parts(ptr, n) }.to_vec())
+}
+
+unsafe extern "C" fn create_scalar(value: *mut c_void, dtype: sys::aclDataType) -> *mut sys::aclScalar {
+    if faults::check("aclCreateScalar").is_some() || value.is_null() {
+        errmsg::aclnn_param("aclCreateScalar: value is null or a fault was injected");
+        return std::ptr::null_mut();
+    }
+    let size = match dtype {
+        sys::ACL_BOOL => 1,
+        other => super::runtime::data_type_size(other),
+    };
+    if size == 0 {
+        errmsg::aclnn_param(&format!("aclCreateScalar: data type {dtype} is not supported for a scalar"));
+        return std::ptr::null_mut();
+    }
+    // SAFETY: the caller passes a value of `dataType`, which is `size` bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec();
+    register(SimArg::Scalar { dtype, bytes })
+}
+
+macro_rules! create_array {
+    ($fn_name:ident, $api:literal, $elem:ty, $variant:ident, $out:ty) => {
+        unsafe extern "C" fn $fn_name(value: *const $elem, size: u64) -> *mut $out {
+            if faults::check($api).is_some() {
+                errmsg::aclnn_inner(concat!($api, " failed: fault injected by the simulator"));
+                return std::ptr::null_mut();
+            }
+            // SAFETY: the caller passes an array valid for `size` elements.
+            match unsafe { read_array(value, size) } {
+                Some(values) => register(SimArg::$variant(values)),
+                None => std::ptr::null_mut(),
+            }
+        }
+    };
+}
+create_array!(create_int_array, "aclCreateIntArray", i64, Ints, sys::aclIntArray);
+create_array!(create_float_array, "aclCreateFloatArray", f32, Floats, sys::aclFloatArray);
+create_array!(create_bool_array, "aclCreateBoolArray", bool, Bools, sys::aclBoolArray);
+
+unsafe extern "C" fn create_tensor_list(value: *const *const aclTensor, size: u64) -> *mut sys::aclTensorList {
+    if faults::check("aclCreateTensorList").is_some() {
+        errmsg::aclnn_inner("aclCreateTensorList failed: fault injected by the simulator");
+        return std::ptr::null_mut();
+    }
+    // SAFETY: the caller passes an array of `size` descriptor pointers.
+    let Some(handles) = (unsafe { read_array(value, size) }) else { return std::ptr::null_mut() };
+    register(SimArg::Tensors(handles.into_iter().map(|p| p as usize as u64).collect()))
+}
+
+/// Removes the descriptor `h` (destroying the tensors of a list); `false` if it was not live.
+fn destroy_arg(api: &'static str, h: u64) -> aclnnStatus {
+    machine::with(|m| match m.args.remove(&h) {
+        Some(SimArg::Tensors(list)) => {
+            for t in list {
+                if t != 0 && m.tensors.remove(&t).is_none() {
+                    m.violations.push(format!(
+                        "aclDestroyTensorList({h:#x}) destroys tensor {t:#x}, which is not live (destroyed on its own, \
+                         or listed twice?)"
+                    ));
+                }
+            }
+            sys::ACLNN_SUCCESS
+        }
+        Some(_) => sys::ACLNN_SUCCESS,
+        None => {
+            errmsg::aclnn_param(&format!("{api}: {h:#x} is not a live descriptor (double destroy?)"));
+            sys::ACLNN_ERR_PARAM_INVALID
+        }
+    })
+}
+
+macro_rules! destroy {
+    ($fn_name:ident, $api:literal, $ty:ty) => {
+        unsafe extern "C" fn $fn_name(value: *const $ty) -> aclnnStatus {
+            entry!($api, {
+                if value.is_null() {
+                    return sys::ACLNN_SUCCESS;
+                }
+                destroy_arg($api, value as usize as u64)
+            })
+        }
+    };
+}
+destroy!(destroy_scalar, "aclDestroyScalar", sys::aclScalar);
+destroy!(destroy_int_array, "aclDestroyIntArray", sys::aclIntArray);
+destroy!(destroy_float_array, "aclDestroyFloatArray", sys::aclFloatArray);
+destroy!(destroy_bool_array, "aclDestroyBoolArray", sys::aclBoolArray);
+destroy!(destroy_tensor_list, "aclDestroyTensorList", sys::aclTensorList);
+
+/// The descriptor `ptr` names, cloned, if it is live.
+pub(crate) fn arg<T>(ptr: *const T) -> Option<SimArg> {
+    machine::with(|m| m.args.get(&(ptr as usize as u64)).cloned())
+}

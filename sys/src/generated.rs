@@ -245,6 +245,31 @@ pub struct aclTensor {
 pub struct aclOpExecutor {
     _unused: [u8; 0],
 }
+#[repr(C)]
+#[derive(Debug)]
+pub struct aclScalar {
+    _unused: [u8; 0],
+}
+#[repr(C)]
+#[derive(Debug)]
+pub struct aclIntArray {
+    _unused: [u8; 0],
+}
+#[repr(C)]
+#[derive(Debug)]
+pub struct aclFloatArray {
+    _unused: [u8; 0],
+}
+#[repr(C)]
+#[derive(Debug)]
+pub struct aclBoolArray {
+    _unused: [u8; 0],
+}
+#[repr(C)]
+#[derive(Debug)]
+pub struct aclTensorList {
+    _unused: [u8; 0],
+}
 /// One function-pointer type per bound C function, with the C signature.
 pub mod pfn {
     #![allow(non_camel_case_types, non_snake_case)]
@@ -392,6 +417,41 @@ pub mod pfn {
     pub type aclDestroyAclOpExecutor = unsafe extern "C" fn(
         executor: *mut aclOpExecutor,
     ) -> aclnnStatus;
+    pub type aclCreateScalar = unsafe extern "C" fn(
+        value: *mut ::std::os::raw::c_void,
+        dataType: aclDataType,
+    ) -> *mut aclScalar;
+    pub type aclDestroyScalar = unsafe extern "C" fn(
+        scalar: *const aclScalar,
+    ) -> aclnnStatus;
+    pub type aclCreateIntArray = unsafe extern "C" fn(
+        value: *const i64,
+        size: u64,
+    ) -> *mut aclIntArray;
+    pub type aclDestroyIntArray = unsafe extern "C" fn(
+        array: *const aclIntArray,
+    ) -> aclnnStatus;
+    pub type aclCreateFloatArray = unsafe extern "C" fn(
+        value: *const f32,
+        size: u64,
+    ) -> *mut aclFloatArray;
+    pub type aclDestroyFloatArray = unsafe extern "C" fn(
+        array: *const aclFloatArray,
+    ) -> aclnnStatus;
+    pub type aclCreateBoolArray = unsafe extern "C" fn(
+        value: *const bool,
+        size: u64,
+    ) -> *mut aclBoolArray;
+    pub type aclDestroyBoolArray = unsafe extern "C" fn(
+        array: *const aclBoolArray,
+    ) -> aclnnStatus;
+    pub type aclCreateTensorList = unsafe extern "C" fn(
+        value: *const *const aclTensor,
+        size: u64,
+    ) -> *mut aclTensorList;
+    pub type aclDestroyTensorList = unsafe extern "C" fn(
+        array: *const aclTensorList,
+    ) -> aclnnStatus;
     pub type aclnnConvertWeightToINT4PackGetWorkspaceSize = unsafe extern "C" fn(
         weight: *const aclTensor,
         weightInt4Pack: *mut aclTensor,
@@ -470,6 +530,16 @@ macro_rules! for_each_function {
             aclInitTensor,
             aclDestroyTensor,
             aclDestroyAclOpExecutor,
+            aclCreateScalar,
+            aclDestroyScalar,
+            aclCreateIntArray,
+            aclDestroyIntArray,
+            aclCreateFloatArray,
+            aclDestroyFloatArray,
+            aclCreateBoolArray,
+            aclDestroyBoolArray,
+            aclCreateTensorList,
+            aclDestroyTensorList,
             aclnnConvertWeightToINT4PackGetWorkspaceSize,
             aclnnConvertWeightToINT4Pack,
             aclnnWeightQuantBatchMatmulV2GetWorkspaceSize,
@@ -524,6 +594,16 @@ macro_rules! for_each_signature {
             aclInitTensor(tensor: *mut aclTensor, viewDims: *const i64, viewDimsNum: u64, dataType: aclDataType, stride: *const i64, offset: i64, format: aclFormat, storageDims: *const i64, storageDimsNum: u64, tensorDataAddr: *mut ::std::os::raw::c_void) -> aclnnStatus;
             aclDestroyTensor(tensor: *const aclTensor) -> aclnnStatus;
             aclDestroyAclOpExecutor(executor: *mut aclOpExecutor) -> aclnnStatus;
+            aclCreateScalar(value: *mut ::std::os::raw::c_void, dataType: aclDataType) -> *mut aclScalar;
+            aclDestroyScalar(scalar: *const aclScalar) -> aclnnStatus;
+            aclCreateIntArray(value: *const i64, size: u64) -> *mut aclIntArray;
+            aclDestroyIntArray(array: *const aclIntArray) -> aclnnStatus;
+            aclCreateFloatArray(value: *const f32, size: u64) -> *mut aclFloatArray;
+            aclDestroyFloatArray(array: *const aclFloatArray) -> aclnnStatus;
+            aclCreateBoolArray(value: *const bool, size: u64) -> *mut aclBoolArray;
+            aclDestroyBoolArray(array: *const aclBoolArray) -> aclnnStatus;
+            aclCreateTensorList(value: *const *const aclTensor, size: u64) -> *mut aclTensorList;
+            aclDestroyTensorList(array: *const aclTensorList) -> aclnnStatus;
             aclnnConvertWeightToINT4PackGetWorkspaceSize(weight: *const aclTensor, weightInt4Pack: *mut aclTensor, workspaceSize: *mut u64, executor: *mut *mut aclOpExecutor) -> aclnnStatus;
             aclnnConvertWeightToINT4Pack(workspace: *mut ::std::os::raw::c_void, workspaceSize: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;
             aclnnWeightQuantBatchMatmulV2GetWorkspaceSize(x: *const aclTensor, weight: *const aclTensor, antiquantScale: *const aclTensor, antiquantOffsetOptional: *const aclTensor, quantScaleOptional: *const aclTensor, quantOffsetOptional: *const aclTensor, biasOptional: *const aclTensor, antiquantGroupSize: ::std::os::raw::c_int, y: *const aclTensor, workspaceSize: *mut u64, executor: *mut *mut aclOpExecutor) -> aclnnStatus;

@@ -46,10 +46,12 @@ impl LibraryGroup {
 
     /// The group that exports `symbol`.
     pub fn of_symbol(symbol: &str) -> LibraryGroup {
-        const NNOPBASE: &[&str] = &["aclCreateTensor", "aclInitTensor", "aclDestroyTensor", "aclDestroyAclOpExecutor"];
+        let nnopbase = ["Tensor", "Scalar", "Array", "TensorList", "ScalarList"].iter().any(|s| symbol.ends_with(s))
+            || symbol == "aclDestroyAclOpExecutor"
+            || symbol == "aclSetAclOpExecutorRepeatable";
         if symbol.starts_with("aclnn") {
             LibraryGroup::Operators
-        } else if NNOPBASE.contains(&symbol) {
+        } else if nnopbase && !symbol.starts_with("aclrt") {
             LibraryGroup::Nnopbase
         } else {
             LibraryGroup::Runtime

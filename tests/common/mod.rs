@@ -103,6 +103,7 @@ impl Harness {
             assert_eq!(stats.live_streams, 0, "leaked streams: {stats:?}");
             assert_eq!(stats.live_contexts, 0, "leaked contexts: {stats:?}");
             assert_eq!(stats.live_tensors, 0, "leaked tensors: {stats:?}");
+            assert_eq!(stats.live_descriptors, 0, "leaked scalars, arrays or lists: {stats:?}");
             assert_eq!(stats.live_host_buffers, 0, "leaked pinned buffers: {stats:?}");
             assert_eq!(stats.live_executors, 0, "leaked executors: {stats:?}");
             assert!(stats.leaks.is_empty(), "leak reports: {:?}", stats.leaks);

@@ -8,6 +8,10 @@
 
 #include "acl/acl_base.h"
 
+#ifndef __cplusplus
+#include <stdbool.h>
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -16,6 +20,11 @@ typedef int32_t aclnnStatus;
 
 typedef struct aclTensor aclTensor;
 typedef struct aclOpExecutor aclOpExecutor;
+typedef struct aclScalar aclScalar;
+typedef struct aclIntArray aclIntArray;
+typedef struct aclFloatArray aclFloatArray;
+typedef struct aclBoolArray aclBoolArray;
+typedef struct aclTensorList aclTensorList;
 
 #define ACLNN_SUCCESS 0
 #define ACLNN_ERR_PARAM_NULLPTR 161001
@@ -58,6 +67,21 @@ aclnnStatus aclInitTensor(aclTensor *tensor, const int64_t *viewDims, uint64_t v
 /* Releases a descriptor (not its device memory). NULL is accepted. */
 aclnnStatus aclDestroyTensor(const aclTensor *tensor);
 aclnnStatus aclDestroyAclOpExecutor(aclOpExecutor *executor);
+
+/* Operator arguments that are not tensors. Each create copies the values it is given (NULL is
+ * returned on failure; an array of size 0 is empty but not NULL); each destroy accepts NULL. */
+aclScalar *aclCreateScalar(void *value, aclDataType dataType);
+aclnnStatus aclDestroyScalar(const aclScalar *scalar);
+aclIntArray *aclCreateIntArray(const int64_t *value, uint64_t size);
+aclnnStatus aclDestroyIntArray(const aclIntArray *array);
+aclFloatArray *aclCreateFloatArray(const float *value, uint64_t size);
+aclnnStatus aclDestroyFloatArray(const aclFloatArray *array);
+aclBoolArray *aclCreateBoolArray(const bool *value, uint64_t size);
+aclnnStatus aclDestroyBoolArray(const aclBoolArray *array);
+/* A list of tensors. The list copies the pointers, not the descriptors, and destroying the list
+ * destroys every descriptor in it: they must not be destroyed on their own. */
+aclTensorList *aclCreateTensorList(const aclTensor *const *value, uint64_t size);
+aclnnStatus aclDestroyTensorList(const aclTensorList *array);
 
 #ifdef __cplusplus
 }

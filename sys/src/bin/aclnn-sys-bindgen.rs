@@ -62,6 +62,16 @@ const FUNCTIONS: &[&str] = &[
     "aclInitTensor",
     "aclDestroyTensor",
     "aclDestroyAclOpExecutor",
+    "aclCreateScalar",
+    "aclDestroyScalar",
+    "aclCreateIntArray",
+    "aclDestroyIntArray",
+    "aclCreateFloatArray",
+    "aclDestroyFloatArray",
+    "aclCreateBoolArray",
+    "aclDestroyBoolArray",
+    "aclCreateTensorList",
+    "aclDestroyTensorList",
     "aclnnConvertWeightToINT4PackGetWorkspaceSize",
     "aclnnConvertWeightToINT4Pack",
     "aclnnWeightQuantBatchMatmulV2GetWorkspaceSize",
@@ -85,6 +95,11 @@ const TYPES: &[&str] = &[
     "aclrtEventWaitStatus",
     "aclTensor",
     "aclOpExecutor",
+    "aclScalar",
+    "aclIntArray",
+    "aclFloatArray",
+    "aclBoolArray",
+    "aclTensorList",
 ];
 
 const HEADER: &str = "\
@@ -236,10 +251,22 @@ fn to_table_source(raw: &str) -> Result<String, String> {
 
 /// Runtime functions: the part of the table declared by `acl/acl.h`.
 fn runtime_functions() -> impl Iterator<Item = &'static str> {
-    FUNCTIONS.iter().copied().filter(|f| !f.starts_with("aclnn") && !NNOPBASE.contains(f))
+    FUNCTIONS.iter().copied().filter(|f| !f.starts_with("aclnn") && !is_nnopbase(f))
 }
 
-const NNOPBASE: &[&str] = &["aclCreateTensor", "aclInitTensor", "aclDestroyTensor", "aclDestroyAclOpExecutor"];
+/// nnopbase's opaque types.
+fn is_nnopbase_type(t: &str) -> bool {
+    matches!(t, "aclOpExecutor" | "aclScalar" | "aclIntArray" | "aclFloatArray" | "aclBoolArray" | "aclTensorList")
+}
+
+/// nnopbase's functions (declared by `aclnn/aclnn_base.h`, not by `acl/acl.h`).
+fn is_nnopbase(f: &str) -> bool {
+    f.ends_with("Tensor")
+        || f.ends_with("Scalar")
+        || f.ends_with("Array")
+        || f.ends_with("TensorList")
+        || f == "aclDestroyAclOpExecutor"
+}
 
 /// Runs bindgen over `<include>/acl/acl.h` for the runtime subset and returns, per item name, a
 /// normalised description: a function's parameter and return types, a constant's type and
@@ -262,7 +289,7 @@ fn runtime_items(include: &Path) -> Result<std::collections::BTreeMap<String, St
     for f in runtime_functions() {
         builder = builder.allowlist_function(f);
     }
-    for t in TYPES.iter().filter(|t| !["aclnnStatus", "aclTensor", "aclOpExecutor"].contains(t)) {
+    for t in TYPES.iter().filter(|t| !t.starts_with("aclnn") && !t.ends_with("Tensor") && !is_nnopbase_type(t)) {
         builder = builder.allowlist_type(t);
     }
     let text = builder.generate().map_err(|e| format!("bindgen failed on {}: {e}", header.display()))?.to_string();
