@@ -42,7 +42,7 @@ use aclnn_sys::{self as sys, result::Outcome};
 use crate::args::{BoolArray, FloatArray, IntArray, Scalar};
 use crate::device::Device;
 use crate::error::{Error, Result, call};
-use crate::ordering::{Access, Tracker};
+use crate::ordering::{self, Access, Tracker};
 use crate::plan::{LaunchFn, Plan};
 use crate::tensor::{Tensor, TensorMut};
 use crate::tensor_list::{TensorList, TensorListMut};
@@ -54,13 +54,21 @@ pub struct Call<'t> {
     phase1: &'static str,
     device: Option<Arc<Device>>,
     operands: Vec<(&'t Tracker, Access)>,
+    phase1_on_host: bool,
 }
 
 impl<'t> Call<'t> {
     /// A call of operator `op` (phase 2, e.g. `"aclnnCast"`) whose phase 1 is `phase1`
     /// (`"aclnnCastGetWorkspaceSize"`).
     pub fn new(op: &'static str, phase1: &'static str) -> Call<'t> {
-        Call { op, phase1, device: None, operands: Vec::new() }
+        Call { op, phase1, device: None, operands: Vec::new(), phase1_on_host: false }
+    }
+
+    /// Declares that phase 1 itself reads and writes the operands on the host (as
+    /// `aclnnConvertWeightToINT4Pack` does, with synchronous copies): it then runs only after
+    /// every queued use of them has finished (host waits).
+    pub fn phase1_on_host(&mut self) {
+        self.phase1_on_host = true;
     }
 
     fn on_device(&mut self, argument: &'static str, device: &Arc<Device>) -> Result<()> {
@@ -173,11 +181,18 @@ impl<'t> Call<'t> {
         let api = device.api();
         // SAFETY: every operator's phase 2 has the C signature `LaunchFn`.
         let launch: LaunchFn = unsafe { api.symbol::<LaunchFn>(self.op) }?;
-        device.bind()?;
         let mut workspace_size = 0u64;
         let mut executor: *mut sys::aclOpExecutor = std::ptr::null_mut();
-        call(api, run(&mut workspace_size, &mut executor).check(self.phase1))?;
-        Ok(Plan::from_operands(self.op, device, workspace_size, executor, launch, self.operands))
+        let phase1 = || {
+            device.bind()?;
+            call(api, run(&mut workspace_size, &mut executor).check(self.phase1))
+        };
+        if self.phase1_on_host {
+            ordering::host_access(&self.operands, phase1)?;
+        } else {
+            phase1()?;
+        }
+        Ok(Plan::new(self.op, device, workspace_size, executor, launch, self.operands))
     }
 }
 

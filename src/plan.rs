@@ -44,28 +44,9 @@ pub struct Plan<'t> {
 }
 
 impl<'t> Plan<'t> {
-    /// Wraps phase 1's outputs. `executor` may be null (operators that do all their work in
-    /// phase 1 never write it).
-    /// `reads` and `writes` are the tensors the operator reads and writes (in phase 2).
+    /// Wraps phase 1's outputs (`executor` may be null: INT4Pack never writes it) with the
+    /// memory phase 2 reads and writes.
     pub(crate) fn new(
-        op: &'static str,
-        device: Arc<Device>,
-        workspace_size: u64,
-        executor: *mut aclOpExecutor,
-        launch: LaunchFn,
-        reads: &[&'t Tensor<'_>],
-        writes: &[&'t Tensor<'_>],
-    ) -> Plan<'t> {
-        let operands = reads
-            .iter()
-            .map(|t| (t.tracker(), Access::Read))
-            .chain(writes.iter().map(|t| (t.tracker(), Access::Write)))
-            .collect();
-        Plan::from_operands(op, device, workspace_size, executor, launch, operands)
-    }
-
-    /// Wraps phase 1's outputs with the memory phase 2 reads and writes.
-    pub(crate) fn from_operands(
         op: &'static str,
         device: Arc<Device>,
         workspace_size: u64,

@@ -11,12 +11,10 @@ use std::sync::Arc;
 
 use aclnn_sys as sys;
 
-use aclnn_sys::result as c;
-
-use crate::error::{Error, Result, call};
+use crate::error::{Error, Result};
 use crate::kernels::{self, GroupOffset, NzGeometry, PackError};
+use crate::kit::Call;
 use crate::memory::DeviceBuffer;
-use crate::ordering::{self, Access};
 use crate::plan::Plan;
 use crate::soc::{ChipFamily, Container};
 use crate::stream::Stream;
@@ -306,8 +304,11 @@ fn operator_write_bytes(weight: &TensorDesc, pack: &TensorDesc, family: ChipFami
 /// data (a read-only `pack` cannot even be passed: it takes a [`TensorMut`]): a view offset (ignored by the operator), a write larger than the
 /// pack's buffer, and unaligned 3D FRACTAL_NZ. Everything else is left to the operator's own
 /// checks, whose status code comes back as [`Error::Aclnn`].
-pub fn convert_weight_to_int4_pack_plan<'t>(weight: &'t Tensor<'_>, pack: &'t mut TensorMut<'_>) -> Result<Plan<'t>> {
-    let pack: &'t Tensor<'_> = pack;
+pub fn convert_weight_to_int4_pack_plan<'t>(
+    weight: &'t Tensor<'_>,
+    pack_mut: &'t mut TensorMut<'_>,
+) -> Result<Plan<'t>> {
+    let pack: &Tensor<'_> = pack_mut;
     if !Arc::ptr_eq(weight.stream().device(), pack.stream().device()) {
         return Err(Error::invalid(
             "weightInt4Pack",
@@ -353,30 +354,18 @@ pub fn convert_weight_to_int4_pack_plan<'t>(weight: &'t Tensor<'_>, pack: &'t mu
             format!("a buffer of at least {write} bytes"),
         ));
     }
-    let device = weight.stream().device().clone();
-    let api = device.api();
-    let phase2 = api.aclnnConvertWeightToINT4Pack()?;
-    // The operator never writes these; initialise them as the official example does.
-    let mut workspace_size = 0u64;
-    let mut executor: *mut sys::aclOpExecutor = std::ptr::null_mut();
-    // The operator copies synchronously on the host and ignores streams: it is a host read of
-    // the weight and a host write of the pack, after every queued use of them has finished.
-    ordering::host_access(&[(weight.tracker(), Access::Read), (pack.tracker(), Access::Write)], || {
-        device.bind()?;
-        // SAFETY: both descriptors are live for 't; `pack` is writable and its buffer holds every
-        // byte the operator writes (checked above); no queued work uses either buffer (waited
-        // for above, under the trackers' locks); the out-pointers are valid.
-        call(api, unsafe {
-            c::aclnnConvertWeightToINT4PackGetWorkspaceSize(
-                api,
-                weight.as_raw(),
-                pack.as_raw(),
-                &mut workspace_size,
-                &mut executor,
-            )
-        })
-    })?;
-    Ok(Plan::new("aclnnConvertWeightToINT4Pack", device, workspace_size, executor, phase2, &[weight], &[pack]))
+    let mut call = Call::new("aclnnConvertWeightToINT4Pack", "aclnnConvertWeightToINT4PackGetWorkspaceSize");
+    // The operator copies synchronously on the host and ignores streams: phase 1 is a host read
+    // of the weight and a host write of the pack, after every queued use of them has finished.
+    call.phase1_on_host();
+    let weight_raw = call.input("weight", weight)?;
+    let pack_raw = call.output("weightInt4Pack", pack_mut)?;
+    // SAFETY: the generated pointer type of the operator's phase-1 declaration.
+    let phase1: sys::pfn::aclnnConvertWeightToINT4PackGetWorkspaceSize = unsafe { call.phase1()? };
+    // SAFETY: both descriptors are live for 't; `pack` is writable and its buffer holds every
+    // byte the operator writes (checked above); the operator never writes the out-pointers,
+    // which the kit initialises to 0 and null as the official example does.
+    unsafe { call.plan(|workspace_size, executor| phase1(weight_raw, pack_raw, workspace_size, executor)) }
 }
 
 /// Packs a device weight through the operator into a new device tensor.

@@ -3,17 +3,29 @@
 
 use std::sync::Arc;
 
-use aclnn_sys as sys;
-
-use aclnn_sys::result as c;
-
-use crate::error::{Error, Result, call};
+use crate::error::{Error, Result};
 use crate::memory::DeviceBuffer;
 use crate::ops::int4pack::{PackOptions, convert_weight_to_int4_pack};
 use crate::plan::Plan;
 use crate::stream::Stream;
 use crate::tensor::{DType, Tensor, TensorDesc, TensorMut};
 use crate::workspace::Workspace;
+
+crate::operator! {
+    /// Phase 1 of `aclnnWeightQuantBatchMatmulV2`, argument for argument (quantScale and
+    /// quantOffset, for INT8 outputs, are not modelled by the simulator).
+    pub fn weight_quant_batch_matmul_v2(
+        x: In,
+        weight: In,
+        antiquant_scale: In,
+        antiquant_offset: OptIn,
+        quant_scale: OptIn,
+        quant_offset: OptIn,
+        bias: OptIn,
+        antiquant_group_size: I32,
+        y: Out,
+    ) = unsafe "aclnnWeightQuantBatchMatmulV2";
+}
 
 /// The inputs of one weight-quantised matmul. `y` (the output) is passed to [`plan`](Self::plan)
 /// or [`run`](Self::run).
@@ -49,50 +61,19 @@ impl<'a> WeightQuantMatmul<'a> {
         WeightQuantMatmul { x, weight, antiquant_scale, antiquant_offset: None, bias: None, antiquant_group_size: 0 }
     }
 
-    fn inputs(&self) -> impl Iterator<Item = &'a Tensor<'a>> {
-        [Some(self.x), Some(self.weight), Some(self.antiquant_scale), self.antiquant_offset, self.bias]
-            .into_iter()
-            .flatten()
-    }
-
     /// Phase 1: validates (in CANN) and returns the plan with its workspace size.
     pub fn plan<'p>(&'p self, y: &'p mut TensorMut<'_>) -> Result<Plan<'p>> {
-        let y: &'p Tensor<'_> = y;
-        let device = y.stream().device().clone();
-        if let Some(other) = self.inputs().find(|t| !Arc::ptr_eq(t.stream().device(), &device)) {
-            return Err(Error::invalid(
-                "matmul inputs",
-                format!("a tensor lives on device {} but y on device {}", other.stream().device().id(), device.id()),
-                "all tensors on one device",
-            ));
-        }
-        device.bind()?;
-        let api = device.api();
-        let phase2 = api.aclnnWeightQuantBatchMatmulV2()?;
-        let raw = |t: Option<&Tensor<'_>>| t.map_or(std::ptr::null(), |t| t.as_raw().cast_const());
-        let mut workspace_size = 0u64;
-        let mut executor: *mut sys::aclOpExecutor = std::ptr::null_mut();
-        // SAFETY: every descriptor is live for 'p (borrowed by the plan); optional ones are null
-        // when absent, as the C API documents; the out-pointers are valid.
-        let outcome = unsafe {
-            c::aclnnWeightQuantBatchMatmulV2GetWorkspaceSize(
-                api,
-                raw(Some(self.x)),
-                raw(Some(self.weight)),
-                raw(Some(self.antiquant_scale)),
-                raw(self.antiquant_offset),
-                std::ptr::null(),
-                std::ptr::null(),
-                raw(self.bias),
-                self.antiquant_group_size,
-                raw(Some(y)),
-                &mut workspace_size,
-                &mut executor,
-            )
-        };
-        call(api, outcome)?;
-        let reads: Vec<&'p Tensor<'_>> = self.inputs().collect();
-        Ok(Plan::new("aclnnWeightQuantBatchMatmulV2", device, workspace_size, executor, phase2, &reads, &[y]))
+        weight_quant_batch_matmul_v2(
+            self.x,
+            self.weight,
+            self.antiquant_scale,
+            self.antiquant_offset,
+            None,
+            None,
+            self.bias,
+            self.antiquant_group_size,
+            y,
+        )
     }
 
     /// Both phases on `stream` (any stream of the tensors' device). Inputs written on other
