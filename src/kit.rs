@@ -28,9 +28,10 @@
 //! | `InList` | `&TensorList` | `const aclTensorList *` |
 //! | `OptInList` | `Option<&TensorList>` | `const aclTensorList *` (NULL when `None`) |
 //! | `OutList` | `&mut TensorListMut` | `aclTensorList *` |
+//! | `OptOutList` | `Option<&mut TensorListMut>` | `aclTensorList *` (NULL when `None`) |
 //! | `Scalar` | `&Scalar` | `const aclScalar *` |
 //! | `IntArray` / `FloatArray` / `BoolArray` | `&IntArray` / ... | `const aclIntArray *` / ... |
-//! | `DType` | [`DType`] | `aclDataType` |
+//! | `DType` | [`DType`](crate::DType) | `aclDataType` |
 //! | `I64` / `I32` / `F64` / `F32` / `Bool` | `i64` / `i32` / `f64` / `f32` / `bool` | `int64_t` / `int32_t` / `double` / `float` / `bool` |
 //!
 //! [`Call`] is what the macro expands to; it can be used by hand as well.
@@ -132,6 +133,15 @@ impl<'t> Call<'t> {
         self.on_device(argument, l.device())?;
         self.operands.extend(l.trackers().map(|t| (t, Access::Write)));
         Ok(l.as_raw())
+    }
+
+    /// An optional list of tensors the operator writes (NULL when absent).
+    pub fn output_list_opt(
+        &mut self,
+        argument: &'static str,
+        l: Option<&'t mut TensorListMut<'_>>,
+    ) -> Result<*mut sys::aclTensorList> {
+        l.map_or(Ok(std::ptr::null_mut()), |l| self.output_list(argument, l))
     }
 
     /// A scalar argument (host memory; nothing to order).
@@ -238,6 +248,7 @@ macro_rules! operator {
     (@ty InList) => { &'t $crate::TensorList<'_> };
     (@ty OptInList) => { ::std::option::Option<&'t $crate::TensorList<'_>> };
     (@ty OutList) => { &'t mut $crate::TensorListMut<'_> };
+    (@ty OptOutList) => { ::std::option::Option<&'t mut $crate::TensorListMut<'_>> };
     (@ty Scalar) => { &'t $crate::Scalar };
     (@ty IntArray) => { &'t $crate::IntArray };
     (@ty FloatArray) => { &'t $crate::FloatArray };
@@ -254,6 +265,7 @@ macro_rules! operator {
     (@raw InList) => { *const $crate::sys::aclTensorList };
     (@raw OptInList) => { *const $crate::sys::aclTensorList };
     (@raw OutList) => { *mut $crate::sys::aclTensorList };
+    (@raw OptOutList) => { *mut $crate::sys::aclTensorList };
     (@raw Scalar) => { *const $crate::sys::aclScalar };
     (@raw IntArray) => { *const $crate::sys::aclIntArray };
     (@raw FloatArray) => { *const $crate::sys::aclFloatArray };
@@ -270,6 +282,7 @@ macro_rules! operator {
     (@lower $call:ident, $arg:ident, InList) => { $call.input_list(stringify!($arg), $arg)? };
     (@lower $call:ident, $arg:ident, OptInList) => { $call.input_list_opt(stringify!($arg), $arg)? };
     (@lower $call:ident, $arg:ident, OutList) => { $call.output_list(stringify!($arg), $arg)? };
+    (@lower $call:ident, $arg:ident, OptOutList) => { $call.output_list_opt(stringify!($arg), $arg)? };
     (@lower $call:ident, $arg:ident, Scalar) => { $call.scalar($arg) };
     (@lower $call:ident, $arg:ident, IntArray) => { $call.int_array($arg) };
     (@lower $call:ident, $arg:ident, FloatArray) => { $call.float_array($arg) };

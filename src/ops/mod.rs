@@ -1,5 +1,6 @@
 //! aclnn operators.
 
 pub mod cast;
+pub mod grouped_matmul;
 pub mod int4pack;
 pub mod wqbmm;

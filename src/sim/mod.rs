@@ -15,6 +15,7 @@ mod elementwise;
 mod errmsg;
 mod event;
 mod faults;
+mod gmm;
 mod int4pack;
 mod machine;
 mod registry;

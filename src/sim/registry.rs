@@ -4,10 +4,11 @@
 
 use std::ffi::c_void;
 
-use super::{elementwise, int4pack, wqbmm};
+use super::{elementwise, gmm, int4pack, wqbmm};
 
 /// The operator modules, each resolving its own `aclnnXxxGetWorkspaceSize` / `aclnnXxx`.
-const MODULES: &[fn(&str) -> Option<*const c_void>] = &[int4pack::lookup, wqbmm::lookup, elementwise::lookup];
+const MODULES: &[fn(&str) -> Option<*const c_void>] =
+    &[int4pack::lookup, wqbmm::lookup, elementwise::lookup, gmm::lookup];
 
 /// The address of the simulated C function `name`, if the simulator has it.
 pub(super) fn lookup(name: &str) -> Option<*const c_void> {

@@ -39,20 +39,20 @@ pub(super) fn lookup(name: &str) -> Option<*const c_void> {
 
 /// Activation precision: also the dtype of scale, offset and output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Precision {
+pub(super) enum Precision {
     F16,
     Bf16,
 }
 
 impl Precision {
-    fn round(self, v: f64) -> f32 {
+    pub(super) fn round(self, v: f64) -> f32 {
         match self {
             Precision::F16 => f16::from_f64(v).to_f32(),
             Precision::Bf16 => bf16::from_f64(v).to_f32(),
         }
     }
 
-    fn decode(self, bytes: [u8; 2]) -> f32 {
+    pub(super) fn decode(self, bytes: [u8; 2]) -> f32 {
         let bits = u16::from_le_bytes(bytes);
         match self {
             Precision::F16 => f16::from_bits(bits).to_f32(),
@@ -60,7 +60,7 @@ impl Precision {
         }
     }
 
-    fn encode(self, v: f32) -> [u8; 2] {
+    pub(super) fn encode(self, v: f32) -> [u8; 2] {
         match self {
             Precision::F16 => f16::from_f32(v).to_bits().to_le_bytes(),
             Precision::Bf16 => bf16::from_f32(v).to_bits().to_le_bytes(),
