@@ -29,6 +29,9 @@
 
 mod args;
 mod backend;
+#[cfg(feature = "checkpoint")]
+#[cfg_attr(docsrs, doc(cfg(feature = "checkpoint")))]
+pub mod checkpoint;
 mod device;
 mod error;
 mod event;

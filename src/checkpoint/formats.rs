@@ -1,0 +1,710 @@
+//! The four 4-bit formats: configuration, planning (which linears, what shapes) and conversion
+//! of one linear to CANN's W4A16 form. Layouts are in `docs/checkpoints.md`.
+
+use std::path::Path;
+
+use rayon::prelude::*;
+use safetensors::tensor::Dtype;
+use serde_json::Value;
+
+use super::source::{FLOATS, Source, TensorRef, float_at, int_at, words};
+use super::{CheckpointError, Int4Linear, LinearPlan, Result};
+
+/// Which format to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FormatKind {
+    /// Detect from the configuration files.
+    #[default]
+    Auto,
+    /// GPTQ (`quant_method = "gptq"`).
+    Gptq,
+    /// AWQ GEMM (`quant_method = "awq"`).
+    Awq,
+    /// compressed-tensors `pack-quantized`.
+    CompressedTensors,
+    /// ModelSlim W4A16 (`quant_model_description.json`).
+    ModelSlim,
+}
+
+impl std::str::FromStr for FormatKind {
+    type Err = CheckpointError;
+    fn from_str(s: &str) -> Result<FormatKind> {
+        Ok(match s {
+            "auto" => FormatKind::Auto,
+            "gptq" => FormatKind::Gptq,
+            "awq" => FormatKind::Awq,
+            "compressed-tensors" => FormatKind::CompressedTensors,
+            "modelslim" => FormatKind::ModelSlim,
+            other => {
+                return Err(CheckpointError::Unsupported {
+                    what: format!("format `{other}`"),
+                    expected: "gptq, awq, compressed-tensors, modelslim or auto".into(),
+                });
+            }
+        })
+    }
+}
+
+/// A detected format with the configuration the conversion needs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum QuantFormat {
+    /// GPTQ.
+    Gptq {
+        /// `group_size` (0 for per channel, written as -1).
+        group_size: usize,
+        /// `sym`.
+        sym: bool,
+        /// `desc_act` (act-order).
+        desc_act: bool,
+        /// `checkpoint_format = "gptq_v2"` (zero points stored as is; v1 stores `z - 1`).
+        v2: bool,
+    },
+    /// AWQ GEMM.
+    Awq {
+        /// `group_size` / `q_group_size`.
+        group_size: usize,
+        /// `zero_point`.
+        zero_point: bool,
+    },
+    /// compressed-tensors pack-quantized.
+    CompressedTensors {
+        /// Group size (0 for the channel strategy).
+        group_size: usize,
+        /// `symmetric`.
+        symmetric: bool,
+        /// Layers (prefixes or `re:` patterns) left unquantized.
+        ignore: Vec<String>,
+    },
+    /// ModelSlim W4A16.
+    ModelSlim {
+        /// Layers the description marks `W4A16`.
+        quantized: Vec<String>,
+        /// The description's `version` (`"0.0.0"`: one int4 value per int8).
+        version: String,
+    },
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| CheckpointError::Format { path: path.to_path_buf(), problem: format!("invalid JSON: {e}") }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CheckpointError::io(path, e)),
+    }
+}
+
+fn unsupported(what: impl Into<String>, expected: impl Into<String>) -> CheckpointError {
+    CheckpointError::Unsupported { what: what.into(), expected: expected.into() }
+}
+
+/// `bits` (or its aliases) must be 4.
+fn check_bits(cfg: &Value, keys: &[&str]) -> Result<()> {
+    match keys.iter().find_map(|k| cfg.get(*k)).and_then(Value::as_i64) {
+        Some(4) | None => Ok(()),
+        Some(b) => Err(unsupported(format!("{b}-bit quantization"), "4 bits (W4A16)")),
+    }
+}
+
+/// A group size from the config: -1 (or absent) means per channel; otherwise a multiple of 32.
+fn group_size(cfg: &Value, keys: &[&str]) -> Result<usize> {
+    let g = keys.iter().find_map(|k| cfg.get(*k)).and_then(Value::as_i64).unwrap_or(-1);
+    if g == -1 || g == 0 {
+        return Ok(0);
+    }
+    if g < 0 || g % 32 != 0 {
+        return Err(unsupported(format!("group size {g}"), "-1 (per channel) or a multiple of 32 (CANN's W4A16 rule)"));
+    }
+    Ok(g as usize)
+}
+
+impl QuantFormat {
+    /// Reads the configuration of `dir` and returns its format (checked against `kind`).
+    pub fn detect(dir: &Path, kind: FormatKind) -> Result<QuantFormat> {
+        let config = read_json(&dir.join("config.json"))?;
+        let quantize_config = read_json(&dir.join("quantize_config.json"))?;
+        let description = read_json(&dir.join("quant_model_description.json"))?;
+        let qc = config.as_ref().and_then(|c| c.get("quantization_config")).or(quantize_config.as_ref());
+        let method = qc.and_then(|q| q.get("quant_method")).and_then(Value::as_str).map(str::to_ascii_lowercase);
+        let detected = match (method.as_deref(), &description) {
+            (Some("gptq"), _) => FormatKind::Gptq,
+            (Some("awq"), _) => FormatKind::Awq,
+            (Some("compressed-tensors"), _) => FormatKind::CompressedTensors,
+            (None, Some(_)) => FormatKind::ModelSlim,
+            // quantize_config.json of AutoGPTQ carries no quant_method.
+            (None, None) if quantize_config.is_some() => FormatKind::Gptq,
+            (Some(other), _) => {
+                return Err(unsupported(format!("quant_method `{other}`"), "gptq, awq or compressed-tensors"));
+            }
+            (None, None) => {
+                return Err(CheckpointError::Missing {
+                    what: format!("a quantization config in {}", dir.display()),
+                    expected: "config.json with quantization_config, quantize_config.json, or \
+                               quant_model_description.json"
+                        .into(),
+                });
+            }
+        };
+        if kind != FormatKind::Auto && kind != detected {
+            return Err(unsupported(format!("the checkpoint is {detected:?}"), format!("{kind:?}, as --from says")));
+        }
+        let cfg = qc.cloned().unwrap_or(Value::Null);
+        match detected {
+            FormatKind::Gptq => {
+                check_bits(&cfg, &["bits"])?;
+                let v2 = match cfg.get("checkpoint_format").and_then(Value::as_str) {
+                    None | Some("gptq") => false,
+                    Some("gptq_v2") => true,
+                    Some(other) => {
+                        return Err(unsupported(format!("GPTQ checkpoint_format `{other}`"), "gptq or gptq_v2"));
+                    }
+                };
+                Ok(QuantFormat::Gptq {
+                    group_size: group_size(&cfg, &["group_size"])?,
+                    sym: cfg.get("sym").and_then(Value::as_bool).unwrap_or(true),
+                    desc_act: cfg.get("desc_act").and_then(Value::as_bool).unwrap_or(false),
+                    v2,
+                })
+            }
+            FormatKind::Awq => {
+                check_bits(&cfg, &["bits", "w_bit"])?;
+                let version = cfg.get("version").and_then(Value::as_str).unwrap_or("gemm").to_ascii_lowercase();
+                if version != "gemm" {
+                    return Err(unsupported(format!("AWQ version `{version}`"), "gemm"));
+                }
+                Ok(QuantFormat::Awq {
+                    group_size: group_size(&cfg, &["group_size", "q_group_size"])?,
+                    zero_point: cfg.get("zero_point").and_then(Value::as_bool).unwrap_or(true),
+                })
+            }
+            FormatKind::CompressedTensors => {
+                let fmt = cfg.get("format").and_then(Value::as_str).unwrap_or("");
+                if fmt != "pack-quantized" {
+                    return Err(unsupported(format!("compressed-tensors format `{fmt}`"), "pack-quantized"));
+                }
+                let groups =
+                    cfg.get("config_groups").and_then(Value::as_object).ok_or_else(|| CheckpointError::Missing {
+                        what: "quantization_config.config_groups".into(),
+                        expected: "one config group with 4-bit int weights".into(),
+                    })?;
+                if groups.len() != 1 {
+                    return Err(unsupported(format!("{} config groups", groups.len()), "one config group"));
+                }
+                let weights = groups.values().next().and_then(|g| g.get("weights")).cloned().unwrap_or(Value::Null);
+                check_bits(&weights, &["num_bits"])?;
+                if weights.get("type").and_then(Value::as_str).is_some_and(|t| t != "int") {
+                    return Err(unsupported("non-int weights", "type int"));
+                }
+                let strategy = weights.get("strategy").and_then(Value::as_str).unwrap_or("group");
+                let group_size = match strategy {
+                    "channel" => 0,
+                    "group" => group_size(&weights, &["group_size"])?,
+                    other => return Err(unsupported(format!("strategy `{other}`"), "group or channel")),
+                };
+                let ignore = cfg
+                    .get("ignore")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_str).map(String::from).collect())
+                    .unwrap_or_default();
+                Ok(QuantFormat::CompressedTensors {
+                    group_size,
+                    symmetric: weights.get("symmetric").and_then(Value::as_bool).unwrap_or(true),
+                    ignore,
+                })
+            }
+            FormatKind::ModelSlim => {
+                let d = description.unwrap_or(Value::Null);
+                let kind = d.get("model_quant_type").and_then(Value::as_str).unwrap_or("");
+                if kind != "W4A16" {
+                    return Err(unsupported(format!("ModelSlim model_quant_type `{kind}`"), "W4A16"));
+                }
+                let quantized = d
+                    .as_object()
+                    .map(|o| {
+                        o.iter()
+                            .filter(|(_, v)| v.as_str() == Some("W4A16"))
+                            .filter_map(|(k, _)| k.strip_suffix(".weight").map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let version = d.get("version").and_then(Value::as_str).unwrap_or("").to_string();
+                Ok(QuantFormat::ModelSlim { quantized, version })
+            }
+            FormatKind::Auto => unreachable!("detection yields a concrete format"),
+        }
+    }
+
+    /// Short name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            QuantFormat::Gptq { .. } => "gptq",
+            QuantFormat::Awq { .. } => "awq",
+            QuantFormat::CompressedTensors { .. } => "compressed-tensors",
+            QuantFormat::ModelSlim { .. } => "modelslim",
+        }
+    }
+
+    /// Every quantized linear of `src`, planned (shapes checked, nothing converted).
+    pub fn plan(&self, src: &Source) -> Result<Vec<LinearPlan>> {
+        let suffix = match self {
+            QuantFormat::Gptq { .. } | QuantFormat::Awq { .. } => ".qweight",
+            QuantFormat::CompressedTensors { .. } => ".weight_packed",
+            QuantFormat::ModelSlim { .. } => ".weight_scale",
+        };
+        let prefixes: Vec<String> =
+            src.tensors().filter_map(|t| t.name.strip_suffix(suffix).map(String::from)).collect();
+        let mut plans = Vec::with_capacity(prefixes.len());
+        for prefix in prefixes {
+            let plan = match self {
+                QuantFormat::Gptq { group_size, sym, desc_act, .. } => {
+                    gptq_plan(src, &prefix, *group_size, *sym, *desc_act)?
+                }
+                QuantFormat::Awq { group_size, zero_point } => awq_plan(src, &prefix, *group_size, *zero_point)?,
+                QuantFormat::CompressedTensors { group_size, symmetric, .. } => {
+                    ct_plan(src, &prefix, *group_size, *symmetric)?
+                }
+                QuantFormat::ModelSlim { quantized, version } => {
+                    if !quantized.is_empty() && !quantized.contains(&prefix) {
+                        continue;
+                    }
+                    ms_plan(src, &prefix, version)?
+                }
+            };
+            plans.push(plan);
+        }
+        Ok(plans)
+    }
+
+    /// Converts one planned linear.
+    pub fn convert(&self, src: &Source, plan: &LinearPlan) -> Result<Int4Linear> {
+        match self {
+            QuantFormat::Gptq { v2, sym, .. } => gptq_convert(src, plan, *v2, *sym),
+            QuantFormat::Awq { .. } => awq_convert(src, plan),
+            QuantFormat::CompressedTensors { .. } => ct_convert(src, plan),
+            QuantFormat::ModelSlim { version, .. } => ms_convert(src, plan, version),
+        }
+    }
+}
+
+fn layer_error(prefix: &str, problem: impl Into<String>, expected: impl Into<String>) -> CheckpointError {
+    CheckpointError::Layer { prefix: prefix.to_string(), problem: problem.into(), expected: expected.into() }
+}
+
+/// CANN's shape rules for one W4A16 linear.
+fn check_linear(prefix: &str, k: usize, n: usize, group_size: usize) -> Result<()> {
+    if n == 0 || !n.is_multiple_of(8) {
+        return Err(layer_error(
+            prefix,
+            format!("N = {n} output features"),
+            "N a multiple of 8 (eight int4 per int32)",
+        ));
+    }
+    if k == 0 {
+        return Err(layer_error(prefix, "K = 0 input features", "K >= 1"));
+    }
+    if group_size > 0 && !k.is_multiple_of(group_size) {
+        return Err(layer_error(
+            prefix,
+            format!("K = {k} is not a multiple of the group size {group_size}"),
+            "whole groups",
+        ));
+    }
+    Ok(())
+}
+
+/// The bias of `prefix`, if the source has one.
+fn bias_of(src: &Source, prefix: &str) -> Option<String> {
+    let name = format!("{prefix}.bias");
+    src.get(&name).map(|_| name)
+}
+
+/// Packs one output row: `value(n)` gives the int4 (as its nibble) of column `n`.
+fn pack_rows(k: usize, n: usize, nibble: impl Fn(usize, usize) -> u8 + Sync) -> Vec<u8> {
+    let mut out = vec![0u8; k * n / 2];
+    out.par_chunks_mut(n / 2).enumerate().for_each(|(r, row)| {
+        for (j, b) in row.iter_mut().enumerate() {
+            *b = (nibble(r, 2 * j) & 0xF) | (nibble(r, 2 * j + 1) << 4);
+        }
+    });
+    out
+}
+
+/// Scales (and offsets) of a `[rows, cols]` float tensor as f32, transposed when asked.
+fn floats(src: &Source, t: &TensorRef, transpose: bool) -> Vec<f32> {
+    let bytes = src.bytes(t);
+    let (rows, cols) = (t.shape[0], t.shape.get(1).copied().unwrap_or(1));
+    if !transpose {
+        return (0..rows * cols).map(|i| float_at(t.dtype, bytes, i)).collect();
+    }
+    let mut out = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = float_at(t.dtype, bytes, r * cols + c);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPTQ
+// ---------------------------------------------------------------------------------------------
+
+fn gptq_plan(src: &Source, prefix: &str, group_size: usize, sym: bool, desc_act: bool) -> Result<LinearPlan> {
+    let qweight = src.require(&format!("{prefix}.qweight"), &[Dtype::I32], &[None, None])?;
+    let (k, n) = (qweight.shape[0] * 8, qweight.shape[1]);
+    check_linear(prefix, k, n, group_size)?;
+    let groups = k.checked_div(group_size).unwrap_or(1);
+    src.require(&format!("{prefix}.qzeros"), &[Dtype::I32], &[Some(groups), Some(n / 8)])?;
+    src.require(&format!("{prefix}.scales"), FLOATS, &[Some(groups), Some(n)])?;
+    let g_idx = format!("{prefix}.g_idx");
+    let mut consumes = vec![format!("{prefix}.qweight"), format!("{prefix}.qzeros"), format!("{prefix}.scales")];
+    if src.get(&g_idx).is_some() {
+        src.require(&g_idx, &[Dtype::I32, Dtype::I64], &[Some(k)])?;
+        consumes.push(g_idx);
+    } else if desc_act {
+        return Err(CheckpointError::Missing {
+            what: format!("tensor `{g_idx}`"),
+            expected: "g_idx [K] for an act-order (desc_act) checkpoint".into(),
+        });
+    }
+    let bias = bias_of(src, prefix);
+    Ok(LinearPlan {
+        prefix: prefix.to_string(),
+        k,
+        n,
+        group_size,
+        has_offset: !sym,
+        has_act_perm: desc_act,
+        bias,
+        consumes,
+    })
+}
+
+/// The rows in group order (stable) and a check that every group is contiguous and whole.
+fn group_order(prefix: &str, g_idx: &[i64], group_size: usize, groups: usize) -> Result<Vec<usize>> {
+    let mut order: Vec<usize> = (0..g_idx.len()).collect();
+    order.sort_by_key(|r| g_idx[*r]);
+    for (k, r) in order.iter().enumerate() {
+        let want = k.checked_div(group_size).unwrap_or(0);
+        if g_idx[*r] != want as i64 || want >= groups {
+            return Err(layer_error(
+                prefix,
+                format!("g_idx gives group {} to row {r}, so group {want} is not {group_size} whole rows", g_idx[*r]),
+                "every group exactly group_size rows (then act-order can be undone by a permutation)",
+            ));
+        }
+    }
+    Ok(order)
+}
+
+fn gptq_convert(src: &Source, plan: &LinearPlan, v2: bool, sym: bool) -> Result<Int4Linear> {
+    let p = &plan.prefix;
+    let (k, n, groups) = (plan.k, plan.n, plan.groups());
+    let qweight = src.require(&format!("{p}.qweight"), &[Dtype::I32], &[Some(k / 8), Some(n)])?;
+    let qzeros = src.require(&format!("{p}.qzeros"), &[Dtype::I32], &[Some(groups), Some(n / 8)])?;
+    let scales = src.require(&format!("{p}.scales"), FLOATS, &[Some(groups), Some(n)])?;
+    // Row order: by g_idx when present (act-order scatters groups), else input order.
+    let order: Vec<usize> = match src.get(&format!("{p}.g_idx")) {
+        Some(t) => {
+            let bytes = src.bytes(t);
+            let g_idx: Vec<i64> = (0..k).map(|i| int_at(t.dtype, bytes, i)).collect();
+            group_order(p, &g_idx, plan.group_size, groups)?
+        }
+        None => (0..k).collect(),
+    };
+    let identity = order.iter().enumerate().all(|(i, r)| i == *r);
+    let qw = src.bytes(qweight);
+    let word = |r: usize, c: usize| {
+        let i = 4 * (r * n + c);
+        u32::from_le_bytes([qw[i], qw[i + 1], qw[i + 2], qw[i + 3]])
+    };
+    // w = q - 8: the int4 two's-complement nibble of q - 8 is q ^ 8.
+    let packed = pack_rows(k, n, |r, c| {
+        let row = order[r];
+        (((word(row / 8, c) >> (4 * (row % 8))) & 0xF) as u8) ^ 8
+    });
+    // Zero points along N; v1 stores z - 1 (add 1 to every nibble of the word, as GPTQModel does).
+    let zeros: Vec<u32> = words(src.bytes(qzeros))
+        .flat_map(|w| {
+            let w = if v2 { w } else { w.wrapping_add(0x1111_1111) };
+            (0..8).map(move |j| (w >> (4 * j)) & 0xF)
+        })
+        .collect();
+    if sym && let Some(z) = zeros.iter().find(|z| **z != 8) {
+        return Err(layer_error(
+            p,
+            format!("the config says sym but a zero point is {z}"),
+            "zero points of 8 (stored 7 in GPTQ v1), or sym = false",
+        ));
+    }
+    let offset = (!sym).then(|| zeros.iter().map(|z| 8.0 - *z as f32).collect());
+    Ok(Int4Linear {
+        plan: plan.clone(),
+        packed,
+        scale: floats(src, scales, false),
+        offset,
+        act_perm: (!identity).then(|| order.iter().map(|r| *r as i32).collect()),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// AWQ GEMM
+// ---------------------------------------------------------------------------------------------
+
+/// AWQ's interleave: nibble `i` of a word holds column `AWQ_ORDER[i]` of its eight.
+const AWQ_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+
+fn awq_plan(src: &Source, prefix: &str, group_size: usize, zero_point: bool) -> Result<LinearPlan> {
+    let qweight = src.require(&format!("{prefix}.qweight"), &[Dtype::I32], &[None, None])?;
+    let (k, n) = (qweight.shape[0], qweight.shape[1] * 8);
+    check_linear(prefix, k, n, group_size)?;
+    let groups = k.checked_div(group_size).unwrap_or(1);
+    src.require(&format!("{prefix}.qzeros"), &[Dtype::I32], &[Some(groups), Some(n / 8)])?;
+    src.require(&format!("{prefix}.scales"), FLOATS, &[Some(groups), Some(n)])?;
+    Ok(LinearPlan {
+        prefix: prefix.to_string(),
+        k,
+        n,
+        group_size,
+        has_offset: zero_point,
+        has_act_perm: false,
+        bias: bias_of(src, prefix),
+        consumes: vec![format!("{prefix}.qweight"), format!("{prefix}.qzeros"), format!("{prefix}.scales")],
+    })
+}
+
+/// Undoes AWQ's interleave of one word: nibble `j` of the result is column `j`.
+fn awq_word(w: u32) -> u32 {
+    let mut out = 0u32;
+    for (i, col) in AWQ_ORDER.iter().enumerate() {
+        out |= ((w >> (4 * i)) & 0xF) << (4 * col);
+    }
+    out
+}
+
+fn awq_convert(src: &Source, plan: &LinearPlan) -> Result<Int4Linear> {
+    let p = &plan.prefix;
+    let (k, n, groups) = (plan.k, plan.n, plan.groups());
+    let qweight = src.require(&format!("{p}.qweight"), &[Dtype::I32], &[Some(k), Some(n / 8)])?;
+    let qzeros = src.require(&format!("{p}.qzeros"), &[Dtype::I32], &[Some(groups), Some(n / 8)])?;
+    let scales = src.require(&format!("{p}.scales"), FLOATS, &[Some(groups), Some(n)])?;
+    // Un-interleave, then q - 8 (XOR 0x8 per nibble): INT4Pack's word, little-endian.
+    let mut packed = vec![0u8; k * n / 2];
+    packed.par_chunks_mut(4).zip(src.bytes(qweight).par_chunks(4)).for_each(|(o, i)| {
+        let w = awq_word(u32::from_le_bytes([i[0], i[1], i[2], i[3]])) ^ 0x8888_8888;
+        o.copy_from_slice(&w.to_le_bytes());
+    });
+    let offset = plan.has_offset.then(|| {
+        words(src.bytes(qzeros))
+            .flat_map(|w| {
+                let w = awq_word(w);
+                (0..8).map(move |j| 8.0 - ((w >> (4 * j)) & 0xF) as f32)
+            })
+            .collect()
+    });
+    Ok(Int4Linear { plan: plan.clone(), packed, scale: floats(src, scales, false), offset, act_perm: None })
+}
+
+// ---------------------------------------------------------------------------------------------
+// compressed-tensors pack-quantized
+// ---------------------------------------------------------------------------------------------
+
+fn ct_plan(src: &Source, prefix: &str, group_size: usize, symmetric: bool) -> Result<LinearPlan> {
+    let packed = src.require(&format!("{prefix}.weight_packed"), &[Dtype::I32], &[None, None])?;
+    let shape_name = format!("{prefix}.weight_shape");
+    let (n, k) = match src.get(&shape_name) {
+        Some(_) => {
+            let t = src.require(&shape_name, &[Dtype::I64, Dtype::I32], &[Some(2)])?;
+            let b = src.bytes(t);
+            (int_at(t.dtype, b, 0) as usize, int_at(t.dtype, b, 1) as usize)
+        }
+        None => (packed.shape[0], packed.shape[1] * 8),
+    };
+    if packed.shape != [n, k.div_ceil(8)] {
+        return Err(CheckpointError::Tensor {
+            name: format!("{prefix}.weight_packed"),
+            problem: format!("shape {:?}", packed.shape),
+            expected: format!("[N, ceil(K/8)] = [{n}, {}] for weight_shape ({n}, {k})", k.div_ceil(8)),
+        });
+    }
+    check_linear(prefix, k, n, group_size)?;
+    let groups = k.checked_div(group_size).unwrap_or(1);
+    src.require(&format!("{prefix}.weight_scale"), FLOATS, &[Some(n), Some(groups)])?;
+    let mut consumes = vec![format!("{prefix}.weight_packed"), format!("{prefix}.weight_scale")];
+    if src.get(&shape_name).is_some() {
+        consumes.push(shape_name);
+    }
+    let zp = format!("{prefix}.weight_zero_point");
+    let has_offset = !symmetric && src.get(&zp).is_some();
+    if !symmetric && !has_offset {
+        return Err(CheckpointError::Missing {
+            what: format!("tensor `{zp}`"),
+            expected: "weight_zero_point for an asymmetric compressed-tensors checkpoint".into(),
+        });
+    }
+    if has_offset {
+        src.require(&zp, &[Dtype::I32, Dtype::I8], &[Some(n.div_ceil(8)), Some(groups)])?;
+        consumes.push(zp);
+    }
+    Ok(LinearPlan {
+        prefix: prefix.to_string(),
+        k,
+        n,
+        group_size,
+        has_offset,
+        has_act_perm: false,
+        bias: bias_of(src, prefix),
+        consumes,
+    })
+}
+
+fn ct_convert(src: &Source, plan: &LinearPlan) -> Result<Int4Linear> {
+    let p = &plan.prefix;
+    let (k, n, groups) = (plan.k, plan.n, plan.groups());
+    let kw = k.div_ceil(8);
+    let packed_t = src.require(&format!("{p}.weight_packed"), &[Dtype::I32], &[Some(n), Some(kw)])?;
+    let scale_t = src.require(&format!("{p}.weight_scale"), FLOATS, &[Some(n), Some(groups)])?;
+    let wp = src.bytes(packed_t);
+    let word = |r: usize, c: usize| {
+        let i = 4 * (r * kw + c);
+        u32::from_le_bytes([wp[i], wp[i + 1], wp[i + 2], wp[i + 3]])
+    };
+    // Stored q + 8, packed along K: the signed nibble of q is stored ^ 8.
+    let packed = pack_rows(k, n, |r, c| (((word(c, r / 8) >> (4 * (r % 8))) & 0xF) as u8) ^ 8);
+    let offset = if plan.has_offset {
+        let zp_t = src.require(
+            &format!("{p}.weight_zero_point"),
+            &[Dtype::I32, Dtype::I8],
+            &[Some(n.div_ceil(8)), Some(groups)],
+        )?;
+        let zb = src.bytes(zp_t);
+        // Packed along N: word [c, g] holds columns 8c..8c+7 of group g, stored zp + 8.
+        let mut off = vec![0f32; groups * n];
+        for c in 0..n.div_ceil(8) {
+            for g in 0..groups {
+                let w = int_at(zp_t.dtype, zb, c * groups + g) as u32;
+                for j in 0..8 {
+                    let col = 8 * c + j;
+                    if col < n {
+                        let zp = ((w >> (4 * j)) & 0xF) as i32 - 8;
+                        off[g * n + col] = -(zp as f32);
+                    }
+                }
+            }
+        }
+        Some(off)
+    } else {
+        None
+    };
+    Ok(Int4Linear { plan: plan.clone(), packed, scale: floats(src, scale_t, true), offset, act_perm: None })
+}
+
+// ---------------------------------------------------------------------------------------------
+// ModelSlim W4A16
+// ---------------------------------------------------------------------------------------------
+
+/// How a ModelSlim weight is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MsLayout {
+    /// int8 `[N/2, K]`: two output rows per byte (low nibble = even row).
+    PairedRows,
+    /// int8 `[N, K/2]`: two input columns per byte (low nibble = even column).
+    PairedCols,
+    /// int8 `[N, K]`: one value per byte (version "0.0.0").
+    Plain,
+}
+
+fn ms_layout(src: &Source, prefix: &str, version: &str) -> Result<(MsLayout, usize, usize, usize)> {
+    let scale = src.require(&format!("{prefix}.weight_scale"), FLOATS, &[None, None])?;
+    let (n, groups) = (scale.shape[0], scale.shape[1]);
+    let weight = src.require(&format!("{prefix}.weight"), &[Dtype::I8], &[None, None])?;
+    let (a, b) = (weight.shape[0], weight.shape[1]);
+    let layout = if version == "0.0.0" && a == n {
+        MsLayout::Plain
+    } else if a * 2 == n && groups > 1 {
+        MsLayout::PairedRows
+    } else if a == n {
+        MsLayout::PairedCols
+    } else if a * 2 == n {
+        MsLayout::PairedRows
+    } else {
+        return Err(CheckpointError::Tensor {
+            name: format!("{prefix}.weight"),
+            problem: format!("shape {:?} with weight_scale {:?}", weight.shape, scale.shape),
+            expected: "[N/2, K] (paired along N), [N, K/2] (paired along K) or [N, K] (version 0.0.0)".into(),
+        });
+    };
+    let k = match layout {
+        MsLayout::PairedRows | MsLayout::Plain => b,
+        MsLayout::PairedCols => b * 2,
+    };
+    let group_size = if groups == 1 { 0 } else { k / groups };
+    if groups > 1 && k % groups != 0 {
+        return Err(layer_error(prefix, format!("K = {k} does not split into {groups} groups"), "whole groups"));
+    }
+    Ok((layout, k, n, group_size))
+}
+
+fn ms_plan(src: &Source, prefix: &str, version: &str) -> Result<LinearPlan> {
+    let (_, k, n, group_size) = ms_layout(src, prefix, version)?;
+    check_linear(prefix, k, n, group_size)?;
+    let groups = k.checked_div(group_size).unwrap_or(1);
+    let off = format!("{prefix}.weight_offset");
+    let has_offset = src.get(&off).is_some();
+    let mut consumes = vec![format!("{prefix}.weight"), format!("{prefix}.weight_scale")];
+    if has_offset {
+        src.require(&off, FLOATS, &[Some(n), Some(groups)])?;
+        consumes.push(off);
+    }
+    Ok(LinearPlan {
+        prefix: prefix.to_string(),
+        k,
+        n,
+        group_size,
+        has_offset,
+        has_act_perm: false,
+        bias: bias_of(src, prefix),
+        consumes,
+    })
+}
+
+fn ms_convert(src: &Source, plan: &LinearPlan, version: &str) -> Result<Int4Linear> {
+    let p = &plan.prefix;
+    let (layout, k, n, _) = ms_layout(src, p, version)?;
+    let weight = src.require(&format!("{p}.weight"), &[Dtype::I8], &[None, None])?;
+    let scale = src.require(&format!("{p}.weight_scale"), FLOATS, &[Some(n), Some(plan.groups())])?;
+    let w = src.bytes(weight);
+    let packed = match layout {
+        // Transposed, these bytes are INT4Pack's: byte (k, j) = rows 2j (low) and 2j+1 (high).
+        MsLayout::PairedRows => {
+            let mut out = vec![0u8; k * n / 2];
+            out.par_chunks_mut(n / 2).enumerate().for_each(|(r, row)| {
+                for (j, b) in row.iter_mut().enumerate() {
+                    *b = w[j * k + r];
+                }
+            });
+            out
+        }
+        MsLayout::PairedCols => pack_rows(k, n, |r, c| {
+            let b = w[c * (k / 2) + r / 2];
+            if r % 2 == 0 { b & 0xF } else { b >> 4 }
+        }),
+        MsLayout::Plain => {
+            if let Some((i, v)) = w.iter().enumerate().find(|(_, v)| !(-8..=7).contains(&(**v as i8))) {
+                return Err(CheckpointError::Tensor {
+                    name: format!("{p}.weight"),
+                    problem: format!("element {i} is {}", *v as i8),
+                    expected: "int4 values in [-8, 7]".into(),
+                });
+            }
+            pack_rows(k, n, |r, c| (w[c * k + r] as u8) & 0xF)
+        }
+    };
+    let offset = if plan.has_offset {
+        let off = src.require(&format!("{p}.weight_offset"), FLOATS, &[Some(n), Some(plan.groups())])?;
+        Some(floats(src, off, true).into_iter().map(|v| -v).collect())
+    } else {
+        None
+    };
+    Ok(Int4Linear { plan: plan.clone(), packed, scale: floats(src, scale, true), offset, act_perm: None })
+}
