@@ -36,7 +36,7 @@ struct Truth {
 impl Truth {
     fn new(k: usize, n: usize, g: usize, sym: bool, act_order: bool, seed: u64) -> Truth {
         let mut rng = fastrand::Rng::with_seed(seed);
-        let groups = if g == 0 { 1 } else { k / g };
+        let groups = k.checked_div(g).unwrap_or(1);
         let q = (0..k * n).map(|_| rng.u8(0..16)).collect();
         let z = (0..groups * n).map(|_| if sym { 8 } else { rng.u8(0..16) }).collect();
         let s = (0..groups * n).map(|_| half::f16::from_f32(0.001 + rng.f32() * 0.05)).collect();
@@ -49,13 +49,13 @@ impl Truth {
             }
             group
         } else {
-            (0..k).map(|i| if g == 0 { 0 } else { i / g }).collect()
+            (0..k).map(|i| i.checked_div(g).unwrap_or(0)).collect()
         };
         Truth { k, n, g, q, z, s, group, bias: None }
     }
 
     fn groups(&self) -> usize {
-        if self.g == 0 { 1 } else { self.k / self.g }
+        self.k.checked_div(self.g).unwrap_or(1)
     }
 
     /// The source's dequantized weight, (K, N) in f32.
@@ -239,7 +239,7 @@ fn output_dequantized(st: &SafeTensors<'_>, p: &str, x: &Truth) -> Vec<f32> {
     let bytes = w.data();
     let mut out = vec![0f32; k * n];
     for r in 0..k {
-        let g = if x.g == 0 { 0 } else { r / x.g };
+        let g = r.checked_div(x.g).unwrap_or(0);
         for c in 0..n {
             let b = bytes[r * n / 2 + c / 2];
             let nib = if c % 2 == 0 { b & 0xF } else { b >> 4 };
