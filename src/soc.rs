@@ -46,6 +46,25 @@ impl ChipFamily {
     }
 }
 
+/// SoC names (as `aclrtGetSocName` reports them) this crate knows: Atlas A2 (910B), Atlas A3
+/// (910_93) and Ascend 950. The library accepts any name (anything not 950 is treated as
+/// A2/A3); the command-line tool's `--soc` takes only these.
+pub const KNOWN_SOCS: &[&str] = &[
+    "Ascend910B1",
+    "Ascend910B2",
+    "Ascend910B2C",
+    "Ascend910B3",
+    "Ascend910B4",
+    "Ascend910B4-1",
+    "Ascend910_9391",
+    "Ascend910_9392",
+    "Ascend910_9381",
+    "Ascend910_9382",
+    "Ascend910_9372",
+    "Ascend910_9362",
+    "Ascend950PR_9599",
+];
+
 /// How packed values are carried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Container {

@@ -180,30 +180,31 @@ fn compressed(t: &mut Tensors, p: &str, x: &Truth, symmetric: bool) {
 }
 
 /// ModelSlim: signed q - 8, float32 scale and offset (z - 8), `(q_s - offset) * scale`.
+/// Styles: ascendV1 per group (`[N/2, K]` paired along N, scale `[N, K/G]`), ascendV1 paired
+/// along K (`[N, K/2]`, scale `[N, 1]` per channel or flat `[N*K/G, 1]` per group), and the
+/// older one value per int8 (`[N, K]`).
 fn modelslim(t: &mut Tensors, p: &str, x: &Truth, style: &str) {
     let (k, n, groups) = (x.k, x.n, x.groups());
     let signed = |r: usize, c: usize| (x.q[r * n + c] as i8 - 8) as u8 & 0xF;
-    let weight: Vec<u8> = match style {
-        "paired_rows" => {
-            (0..n / 2).flat_map(|j| (0..k).map(move |r| signed(r, 2 * j) | (signed(r, 2 * j + 1) << 4))).collect()
-        }
-        "paired_cols" => {
-            (0..n).flat_map(|c| (0..k / 2).map(move |h| signed(2 * h, c) | (signed(2 * h + 1, c) << 4))).collect()
-        }
-        _ => (0..n).flat_map(|c| (0..k).map(move |r| (x.q[r * n + c] as i8 - 8) as u8)).collect(),
-    };
-    let shape = match style {
-        "paired_rows" => [n / 2, k],
-        "paired_cols" => [n, k / 2],
-        _ => [n, k],
+    let (weight, shape): (Vec<u8>, [usize; 2]) = match style {
+        "paired_rows" => (
+            (0..n / 2).flat_map(|j| (0..k).map(move |r| signed(r, 2 * j) | (signed(r, 2 * j + 1) << 4))).collect(),
+            [n / 2, k],
+        ),
+        "paired_cols" | "paired_cols_flat" => (
+            (0..n).flat_map(|c| (0..k / 2).map(move |h| signed(2 * h, c) | (signed(2 * h + 1, c) << 4))).collect(),
+            [n, k / 2],
+        ),
+        _ => ((0..n).flat_map(|c| (0..k).map(move |r| (x.q[r * n + c] as i8 - 8) as u8)).collect(), [n, k]),
     };
     t.put(format!("{p}.weight"), Dtype::I8, &shape, weight);
     let f32s = |v: Vec<f32>| v.into_iter().flat_map(f32::to_le_bytes).collect::<Vec<u8>>();
     let by_row = |f: &dyn Fn(usize) -> f32| {
         (0..n).flat_map(|r| (0..groups).map(move |g| (r, g))).map(|(r, g)| f(g * n + r)).collect::<Vec<_>>()
     };
-    t.put(format!("{p}.weight_scale"), Dtype::F32, &[n, groups], f32s(by_row(&|i| x.s[i].to_f32())));
-    t.put(format!("{p}.weight_offset"), Dtype::F32, &[n, groups], f32s(by_row(&|i| x.z[i] as f32 - 8.0)));
+    let scale_shape = if style == "paired_cols_flat" { [n * groups, 1] } else { [n, groups] };
+    t.put(format!("{p}.weight_scale"), Dtype::F32, &scale_shape, f32s(by_row(&|i| x.s[i].to_f32())));
+    t.put(format!("{p}.weight_offset"), Dtype::F32, &scale_shape, f32s(by_row(&|i| x.z[i] as f32 - 8.0)));
 }
 
 fn json(dir: &Path, name: &str, value: serde_json::Value) {
@@ -387,7 +388,7 @@ fn compressed_tensors_group_and_channel_symmetric_and_not_dequantize_exactly() {
 
 #[test]
 fn modelslim_packed_and_plain_layouts_dequantize_exactly() {
-    for (style, g, version) in [("paired_rows", 64, "1.0.0"), ("paired_cols", 0, "1.0.0"), ("plain", 32, "0.0.0")] {
+    for (style, g) in [("paired_rows", 64), ("paired_cols", 0), ("paired_cols_flat", 32), ("plain", 32)] {
         let dir = tempfile::tempdir().unwrap();
         let x = Truth::new(128, 16, g, false, false, 11);
         let mut t = Tensors::default();
@@ -395,17 +396,47 @@ fn modelslim_packed_and_plain_layouts_dequantize_exactly() {
         plain_tensors(&mut t);
         t.write(&dir.path().join("quant_model_weight_w4a16.safetensors"));
         json(dir.path(), "config.json", serde_json::json!({"model_type": "llama"}));
-        json(
-            dir.path(),
-            "quant_model_description.json",
-            serde_json::json!({
-            "model_quant_type": "W4A16", "version": version,
+        let mut description = serde_json::json!({
+            "model_quant_type": "W4A16",
             "model.layers.0.self_attn.o_proj.weight": "W4A16",
-            "model.embed_tokens.weight": "FLOAT"}),
-        );
+            "model.layers.0.self_attn.o_proj.weight_scale": "W4A16",
+            "model.layers.0.self_attn.o_proj.weight_offset": "W4A16",
+            "model.embed_tokens.weight": "FLOAT"});
+        let file = if style == "plain" {
+            "quant_model_description_w4a16.json" // the older saver: no version
+        } else {
+            description["version"] = "1.0.0".into();
+            if g > 0 {
+                description["group_size"] = g.into();
+            }
+            "quant_model_description.json"
+        };
+        json(dir.path(), file, description);
         let out = convert(dir.path(), FormatKind::Auto, Layout::Nd, false);
         assert_exact(&SafeTensors::deserialize(&out).unwrap(), "model.layers.0.self_attn.o_proj", &x);
     }
+}
+
+#[test]
+fn compressed_tensors_before_0_9_4_store_the_zero_point_unpacked() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = Truth::new(64, 16, 32, false, false, 13);
+    let mut t = Tensors::default();
+    compressed(&mut t, "l", &x, true);
+    let zp: Vec<u8> =
+        (0..16).flat_map(|c| (0..2).map(move |g| (c, g))).map(|(c, g)| (x.z[g * 16 + c] as i8 - 8) as u8).collect();
+    t.put("l.weight_zero_point", Dtype::I8, &[16, 2], zp);
+    t.write(&dir.path().join("model.safetensors"));
+    json(
+        dir.path(),
+        "config.json",
+        serde_json::json!({"quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"weights": {"num_bits": 4, "type": "int", "symmetric": false,
+            "strategy": "group", "group_size": 32}}}}}),
+    );
+    let out = convert(dir.path(), FormatKind::Auto, Layout::Nd, false);
+    assert_exact(&SafeTensors::deserialize(&out).unwrap(), "l", &x);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -79,8 +79,11 @@ pub enum QuantFormat {
     ModelSlim {
         /// Layers the description marks `W4A16`.
         quantized: Vec<String>,
-        /// The description's `version` (`"0.0.0"`: one int4 value per int8).
+        /// The description's `version`: `"1.0.0"` (ascendV1) packs two int4 per int8; absent in
+        /// the older format, which stores one value per int8.
         version: String,
+        /// The description's `group_size` (ascendV1 writes it when grouped), else 0.
+        group_size: usize,
     },
 }
 
@@ -122,10 +125,21 @@ impl QuantFormat {
     /// Reads the configuration of `dir` and returns its format (checked against `kind`).
     pub fn detect(dir: &Path, kind: FormatKind) -> Result<QuantFormat> {
         let config = read_json(&dir.join("config.json"))?;
-        let quantize_config = read_json(&dir.join("quantize_config.json"))?;
-        let description = read_json(&dir.join("quant_model_description.json"))?;
+        let quantize_config = match read_json(&dir.join("quantize_config.json"))? {
+            Some(q) => Some(q),
+            None => read_json(&dir.join("quant_config.json"))?,
+        };
+        // ModelSlim: quant_model_description.json (ascendV1) or quant_model_description_w4a16.json.
+        let description = match read_json(&dir.join("quant_model_description.json"))? {
+            Some(d) => Some(d),
+            None => read_json(&dir.join("quant_model_description_w4a16.json"))?,
+        };
         let qc = config.as_ref().and_then(|c| c.get("quantization_config")).or(quantize_config.as_ref());
-        let method = qc.and_then(|q| q.get("quant_method")).and_then(Value::as_str).map(str::to_ascii_lowercase);
+        // GPTQModel writes `method` and `format`; `quant_method` and `checkpoint_format` are aliases.
+        let key = |q: &Value, keys: &[&str]| {
+            keys.iter().find_map(|k| q.get(*k)).and_then(Value::as_str).map(str::to_ascii_lowercase)
+        };
+        let method = qc.and_then(|q| key(q, &["quant_method", "method"]));
         let detected = match (method.as_deref(), &description) {
             (Some("gptq"), _) => FormatKind::Gptq,
             (Some("awq"), _) => FormatKind::Awq,
@@ -152,13 +166,18 @@ impl QuantFormat {
         match detected {
             FormatKind::Gptq => {
                 check_bits(&cfg, &["bits"])?;
-                let v2 = match cfg.get("checkpoint_format").and_then(Value::as_str) {
+                let v2 = match key(&cfg, &["checkpoint_format", "format"]).as_deref() {
                     None | Some("gptq") => false,
                     Some("gptq_v2") => true,
                     Some(other) => {
                         return Err(unsupported(format!("GPTQ checkpoint_format `{other}`"), "gptq or gptq_v2"));
                     }
                 };
+                if let Some(p) = key(&cfg, &["pack_dtype"])
+                    && p != "int32"
+                {
+                    return Err(unsupported(format!("GPTQ pack_dtype `{p}`"), "int32"));
+                }
                 Ok(QuantFormat::Gptq {
                     group_size: group_size(&cfg, &["group_size"])?,
                     sym: cfg.get("sym").and_then(Value::as_bool).unwrap_or(true),
@@ -228,7 +247,8 @@ impl QuantFormat {
                     })
                     .unwrap_or_default();
                 let version = d.get("version").and_then(Value::as_str).unwrap_or("").to_string();
-                Ok(QuantFormat::ModelSlim { quantized, version })
+                let group_size = d.get("group_size").and_then(Value::as_u64).unwrap_or(0) as usize;
+                Ok(QuantFormat::ModelSlim { quantized, version, group_size })
             }
             FormatKind::Auto => unreachable!("detection yields a concrete format"),
         }
@@ -263,11 +283,11 @@ impl QuantFormat {
                 QuantFormat::CompressedTensors { group_size, symmetric, .. } => {
                     ct_plan(src, &prefix, *group_size, *symmetric)?
                 }
-                QuantFormat::ModelSlim { quantized, version } => {
+                QuantFormat::ModelSlim { quantized, version, group_size } => {
                     if !quantized.is_empty() && !quantized.contains(&prefix) {
                         continue;
                     }
-                    ms_plan(src, &prefix, version)?
+                    ms_plan(src, &prefix, version, *group_size)?
                 }
             };
             plans.push(plan);
@@ -281,7 +301,7 @@ impl QuantFormat {
             QuantFormat::Gptq { v2, sym, .. } => gptq_convert(src, plan, *v2, *sym),
             QuantFormat::Awq { .. } => awq_convert(src, plan),
             QuantFormat::CompressedTensors { .. } => ct_convert(src, plan),
-            QuantFormat::ModelSlim { version, .. } => ms_convert(src, plan, version),
+            QuantFormat::ModelSlim { version, group_size, .. } => ms_convert(src, plan, version, *group_size),
         }
     }
 }
@@ -543,7 +563,11 @@ fn ct_plan(src: &Source, prefix: &str, group_size: usize, symmetric: bool) -> Re
         });
     }
     if has_offset {
-        src.require(&zp, &[Dtype::I32, Dtype::I8], &[Some(n.div_ceil(8)), Some(groups)])?;
+        // Packed int32 [ceil(N/8), groups] (compressed-tensors 0.9.4+), or unpacked int8
+        // [N, groups] (before).
+        let t = src.require(&zp, &[Dtype::I32, Dtype::I8], &[None, Some(groups)])?;
+        let rows = if t.dtype == Dtype::I8 { n } else { n.div_ceil(8) };
+        src.require(&zp, &[t.dtype], &[Some(rows), Some(groups)])?;
         consumes.push(zp);
     }
     Ok(LinearPlan {
@@ -572,22 +596,27 @@ fn ct_convert(src: &Source, plan: &LinearPlan) -> Result<Int4Linear> {
     // Stored q + 8, packed along K: the signed nibble of q is stored ^ 8.
     let packed = pack_rows(k, n, |r, c| (((word(c, r / 8) >> (4 * (r % 8))) & 0xF) as u8) ^ 8);
     let offset = if plan.has_offset {
-        let zp_t = src.require(
-            &format!("{p}.weight_zero_point"),
-            &[Dtype::I32, Dtype::I8],
-            &[Some(n.div_ceil(8)), Some(groups)],
-        )?;
+        let zp_t = src.require(&format!("{p}.weight_zero_point"), &[Dtype::I32, Dtype::I8], &[None, Some(groups)])?;
         let zb = src.bytes(zp_t);
-        // Packed along N: word [c, g] holds columns 8c..8c+7 of group g, stored zp + 8.
         let mut off = vec![0f32; groups * n];
-        for c in 0..n.div_ceil(8) {
-            for g in 0..groups {
-                let w = int_at(zp_t.dtype, zb, c * groups + g) as u32;
-                for j in 0..8 {
-                    let col = 8 * c + j;
-                    if col < n {
-                        let zp = ((w >> (4 * j)) & 0xF) as i32 - 8;
-                        off[g * n + col] = -(zp as f32);
+        if zp_t.dtype == Dtype::I8 {
+            // Unpacked and signed (compressed-tensors before 0.9.4).
+            for col in 0..n {
+                for g in 0..groups {
+                    off[g * n + col] = -(int_at(Dtype::I8, zb, col * groups + g) as f32);
+                }
+            }
+        } else {
+            // Packed along N: word [c, g] holds columns 8c..8c+7 of group g, stored zp + 8.
+            for c in 0..n.div_ceil(8) {
+                for g in 0..groups {
+                    let w = int_at(zp_t.dtype, zb, c * groups + g) as u32;
+                    for j in 0..8 {
+                        let col = 8 * c + j;
+                        if col < n {
+                            let zp = ((w >> (4 * j)) & 0xF) as i32 - 8;
+                            off[g * n + col] = -(zp as f32);
+                        }
                     }
                 }
             }
@@ -606,54 +635,79 @@ fn ct_convert(src: &Source, plan: &LinearPlan) -> Result<Int4Linear> {
 /// How a ModelSlim weight is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum MsLayout {
-    /// int8 `[N/2, K]`: two output rows per byte (low nibble = even row).
+    /// ascendV1 per group: int8 `[N/2, K]`, two output rows per byte (low nibble = even row).
     PairedRows,
-    /// int8 `[N, K/2]`: two input columns per byte (low nibble = even column).
+    /// ascendV1 per channel (or per group with a flat `[N*K/G, 1]` scale): int8 `[N, K/2]`,
+    /// two input columns per byte (low nibble = even column).
     PairedCols,
-    /// int8 `[N, K]`: one value per byte (version "0.0.0").
+    /// The older format (no `version`): int8 `[N, K]`, one signed value per byte.
     Plain,
 }
 
-fn ms_layout(src: &Source, prefix: &str, version: &str) -> Result<(MsLayout, usize, usize, usize)> {
+/// A ModelSlim linear's layout, K, N, group size and its scale's `[N, groups]` reading.
+fn ms_layout(src: &Source, prefix: &str, version: &str, desc_group: usize) -> Result<(MsLayout, usize, usize, usize)> {
     let scale = src.require(&format!("{prefix}.weight_scale"), FLOATS, &[None, None])?;
-    let (n, groups) = (scale.shape[0], scale.shape[1]);
     let weight = src.require(&format!("{prefix}.weight"), &[Dtype::I8], &[None, None])?;
     let (a, b) = (weight.shape[0], weight.shape[1]);
-    let layout = if version == "0.0.0" && a == n {
-        MsLayout::Plain
-    } else if a * 2 == n && groups > 1 {
-        MsLayout::PairedRows
-    } else if a == n {
-        MsLayout::PairedCols
-    } else if a * 2 == n {
-        MsLayout::PairedRows
+    let (r, c) = (scale.shape[0], scale.shape[1]);
+    let packed = !(version.is_empty() || version == "0" || version == "0.0.0");
+    let bad = |why: &str| CheckpointError::Tensor {
+        name: format!("{prefix}.weight"),
+        problem: format!("shape {:?} with weight_scale {:?} ({why})", weight.shape, scale.shape),
+        expected: "ascendV1: [N, K/2] with a [N, 1] or [N*K/G, 1] scale, or [N/2, K] with a [N, K/G] scale; \
+                   older format: [N, K] with a [N, K/G] or [N, 1] scale"
+            .into(),
+    };
+    let (layout, k, n, groups) = if !packed {
+        if r != a {
+            return Err(bad("rows differ"));
+        }
+        (MsLayout::Plain, b, a, c)
+    } else if c == 1 && desc_group > 0 {
+        let (n, k) = (a, 2 * b);
+        if k % desc_group != 0 || r != n * (k / desc_group) {
+            return Err(bad("a flat per-group scale needs N * K / group_size rows"));
+        }
+        (MsLayout::PairedCols, k, n, k / desc_group)
+    } else if c == 1 {
+        if r != a {
+            return Err(bad("rows differ"));
+        }
+        (MsLayout::PairedCols, 2 * b, a, 1)
     } else {
-        return Err(CheckpointError::Tensor {
-            name: format!("{prefix}.weight"),
-            problem: format!("shape {:?} with weight_scale {:?}", weight.shape, scale.shape),
-            expected: "[N/2, K] (paired along N), [N, K/2] (paired along K) or [N, K] (version 0.0.0)".into(),
-        });
+        if r != 2 * a {
+            return Err(bad("a per-group weight pairs output rows"));
+        }
+        (MsLayout::PairedRows, b, r, c)
     };
-    let k = match layout {
-        MsLayout::PairedRows | MsLayout::Plain => b,
-        MsLayout::PairedCols => b * 2,
-    };
-    let group_size = if groups == 1 { 0 } else { k / groups };
-    if groups > 1 && k % groups != 0 {
+    if groups == 0 || k % groups != 0 {
         return Err(layer_error(prefix, format!("K = {k} does not split into {groups} groups"), "whole groups"));
     }
+    let group_size = if groups == 1 { 0 } else { k / groups };
     Ok((layout, k, n, group_size))
 }
 
-fn ms_plan(src: &Source, prefix: &str, version: &str) -> Result<LinearPlan> {
-    let (_, k, n, group_size) = ms_layout(src, prefix, version)?;
+/// A `[N, groups]` float tensor (stored `[N, groups]` or flat `[N*groups, 1]`) as `[groups, N]`.
+fn ms_floats(src: &Source, t: &TensorRef, n: usize, groups: usize) -> Vec<f32> {
+    let bytes = src.bytes(t);
+    let mut out = vec![0f32; n * groups];
+    for r in 0..n {
+        for g in 0..groups {
+            out[g * n + r] = float_at(t.dtype, bytes, r * groups + g);
+        }
+    }
+    out
+}
+
+fn ms_plan(src: &Source, prefix: &str, version: &str, desc_group: usize) -> Result<LinearPlan> {
+    let (_, k, n, group_size) = ms_layout(src, prefix, version, desc_group)?;
     check_linear(prefix, k, n, group_size)?;
-    let groups = k.checked_div(group_size).unwrap_or(1);
+    let scale = src.require(&format!("{prefix}.weight_scale"), FLOATS, &[None, None])?.shape.clone();
     let off = format!("{prefix}.weight_offset");
     let has_offset = src.get(&off).is_some();
     let mut consumes = vec![format!("{prefix}.weight"), format!("{prefix}.weight_scale")];
     if has_offset {
-        src.require(&off, FLOATS, &[Some(n), Some(groups)])?;
+        src.require(&off, FLOATS, &[Some(scale[0]), Some(scale[1])])?;
         consumes.push(off);
     }
     Ok(LinearPlan {
@@ -668,11 +722,12 @@ fn ms_plan(src: &Source, prefix: &str, version: &str) -> Result<LinearPlan> {
     })
 }
 
-fn ms_convert(src: &Source, plan: &LinearPlan, version: &str) -> Result<Int4Linear> {
+fn ms_convert(src: &Source, plan: &LinearPlan, version: &str, desc_group: usize) -> Result<Int4Linear> {
     let p = &plan.prefix;
-    let (layout, k, n, _) = ms_layout(src, p, version)?;
+    let (layout, k, n, _) = ms_layout(src, p, version, desc_group)?;
+    let groups = plan.groups();
     let weight = src.require(&format!("{p}.weight"), &[Dtype::I8], &[None, None])?;
-    let scale = src.require(&format!("{p}.weight_scale"), FLOATS, &[Some(n), Some(plan.groups())])?;
+    let scale = src.require(&format!("{p}.weight_scale"), FLOATS, &[None, None])?;
     let w = src.bytes(weight);
     let packed = match layout {
         // Transposed, these bytes are INT4Pack's: byte (k, j) = rows 2j (low) and 2j+1 (high).
@@ -701,10 +756,10 @@ fn ms_convert(src: &Source, plan: &LinearPlan, version: &str) -> Result<Int4Line
         }
     };
     let offset = if plan.has_offset {
-        let off = src.require(&format!("{p}.weight_offset"), FLOATS, &[Some(n), Some(plan.groups())])?;
-        Some(floats(src, off, true).into_iter().map(|v| -v).collect())
+        let off = src.require(&format!("{p}.weight_offset"), FLOATS, &[None, None])?;
+        Some(ms_floats(src, off, n, groups).into_iter().map(|v| -v).collect())
     } else {
         None
     };
-    Ok(Int4Linear { plan: plan.clone(), packed, scale: floats(src, scale, true), offset, act_perm: None })
+    Ok(Int4Linear { plan: plan.clone(), packed, scale: ms_floats(src, scale, n, groups), offset, act_perm: None })
 }

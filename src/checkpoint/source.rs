@@ -54,9 +54,14 @@ impl Source {
                 expected: "the checkpoint's weight files (one or more shards)".into(),
             });
         }
+        Source::open_files(&files)
+    }
+
+    /// Maps the given `.safetensors` files (e.g. one converted file) and reads their headers.
+    pub fn open_files(files: &[PathBuf]) -> Result<Source, CheckpointError> {
         let mut shards = Vec::new();
         let mut tensors = BTreeMap::new();
-        for path in files {
+        for path in files.iter().cloned() {
             let file = File::open(&path).map_err(|e| CheckpointError::io(&path, e))?;
             // SAFETY: the file is mapped read-only; the converter only reads it and the contract
             // of a checkpoint directory is that nobody rewrites its files while it is converted
