@@ -1,80 +1,27 @@
-//! Packs 4-bit weights with `aclnnConvertWeightToINT4Pack` and with the host fast path.
+//! Packs 4-bit weights with `aclnnConvertWeightToINT4Pack` and with the host fast path: the
+//! main job of the crate, as a demo.
 //!
 //! ```text
-//! cargo run --example int4pack                       # the demo scenario
+//! cargo run --example int4pack                        # on the simulated device (default)
 //! cargo run --example int4pack -- --soc Ascend950PR_9599
-//! cargo run --example int4pack -- --input W.npy --output P.npy [--dtype int32|int4]
-//!                                 [--format nd|nz] [--path op|host] [--soc NAME]
+//! ACLNN_BACKEND=cann cargo run --example int4pack     # on an NPU host
 //! ```
 //!
-//! Without `--input`/`--output` it packs a random `(64, 32)` int32 weight with values in [-8, 7]
-//! in every combination of container (INT32, INT4) and format (ND, FRACTAL_NZ), once through the
-//! operator and once through the host fast path, unpacks both, compares them with the input and
-//! with each other, then runs the W4A16 matmul on a packed weight against a CPU golden, and exits
-//! non-zero on any mismatch.
-//!
-//! With files it packs one `.npy` weight and writes the packed device bytes as another `.npy`
-//! (see `--help` for the exact output layout). The backend comes from `ACLNN_BACKEND` (`sim`, the
-//! default, or `cann`); `--soc` picks the SoC of the simulated device. On the simulator, every
-//! run ends by checking that no device memory, tensor or stream was leaked.
-//!
-//! Exit status: 0 on success, 1 on a data, device or I/O error (or a mismatch or leak), 2 on a
-//! usage error. Errors are reported as one `error: ...` line on stderr.
+//! Packs a random `(64, 32)` int32 weight with values in [-8, 7] in every combination of
+//! container (INT32, INT4) and format (ND, FRACTAL_NZ), once through the operator and once
+//! through the host fast path, unpacks both, compares them with the input and with each other,
+//! then runs the W4A16 matmul on a packed weight against a CPU golden, and exits non-zero on any
+//! mismatch. On the simulator it ends by checking that nothing leaked. Packing `.npy` files is
+//! `aclnn pack` (the command-line tool in `cli/`).
 
-use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use aclnn::ops::int4pack::{self, PackOptions, PackedWeight};
 use aclnn::ops::wqbmm::HostW4A16;
 use aclnn::{
-    BACKEND_ENV, Backend, ChipFamily, Container, DType, Device, DeviceBuffer, DeviceRepr, Format, Runtime, Stream,
-    Tensor, TensorDesc,
+    BACKEND_ENV, Backend, ChipFamily, Container, DType, DeviceBuffer, Format, Runtime, Stream, Tensor, TensorDesc,
 };
-use npyz::WriterBuilder;
-
-const HELP: &str = "\
-int4pack: pack 4-bit weights on an Ascend NPU (aclnnConvertWeightToINT4Pack) or on the host
-
-USAGE:
-    int4pack [--soc NAME]
-        Demo: packs a random (64, 32) int32 weight in [-8, 7] as INT32 and INT4, in ND and
-        FRACTAL_NZ, through the operator and the host fast path; checks the round trip and that
-        both paths give identical bytes.
-
-    int4pack --input W.npy --output P.npy [--dtype int32|int4] [--format nd|nz]
-             [--path op|host] [--soc NAME]
-        Packs W.npy and writes the packed device bytes to P.npy.
-
-OPTIONS:
-    --input W.npy     weight: int32 values in [-8, 7] (int4) or float32 values carrying FP4 E2M1
-                      numbers, shape (k, n), (n, k) or (groups, k, n), C order
-    --output P.npy    packed result (written to a temporary file, renamed into place on success)
-    --dtype D         int32 (default): 8 values per 32-bit container (INT32, or FLOAT for a
-                      float32 input); int4: one 4-bit element per value (INT4, or FLOAT4_E2M1)
-    --format F        nd (default) or nz (FRACTAL_NZ; a 3D weight needs k a multiple of 16 and
-                      n a multiple of 64 on Atlas A2/A3)
-    --path P          op (default): the aclnn operator, which masks out-of-range values to their
-                      low 4 bits as CANN does; host: the host fast path, which rejects them
-    --soc NAME        SoC of the simulated device (e.g. Ascend910B3, Ascend910_9391,
-                      Ascend950PR_9599); not allowed with ACLNN_BACKEND=cann
-    -h, --help        this text
-
-OUTPUT (P.npy):
-    INT32 containers: int32 array; FLOAT containers (float32 input, --dtype int32): float32
-    array holding the exact packed bits; INT4 / FLOAT4_E2M1 (--dtype int4): uint8 array, two
-    values per byte, lower index in the low nibble.
-    Shape: ND: the packed tensor's view, e.g. (k, n/8) for int32 or (k, n/2) bytes for int4;
-    FRACTAL_NZ: the storage shape ([groups,] N1, K1, 16, C0), with C0 halved for int4 bytes.
-
-ENVIRONMENT:
-    ACLNN_BACKEND     sim (default) or cann
-
-EXIT STATUS:
-    0 success, 1 data / device / I/O error, mismatch or leak, 2 usage error";
 
 /// Shape of the demo weight.
 const DEMO_K: i64 = 64;
@@ -86,194 +33,34 @@ const W4A16_RTOL: f32 = 1e-3;
 /// Packed 32-bit words shown per packed tensor.
 const SHOWN_WORDS: usize = 4;
 
-fn main() -> ExitCode {
-    match parse_args(std::env::args_os().skip(1)).and_then(run) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(failure) => {
-            eprintln!("error: {}", failure.message);
-            ExitCode::from(failure.status)
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Errors
-
-/// Why the program stops: the exit status and the one-line message.
+/// Why the demo stops: a one-line message.
 #[derive(Debug)]
-struct Failure {
-    status: u8,
-    message: String,
-}
-
-impl Failure {
-    /// A usage error (exit status 2).
-    fn usage(message: impl Into<String>) -> Failure {
-        Failure { status: 2, message: format!("{} (see --help)", message.into()) }
-    }
-
-    /// A data, device or I/O error (exit status 1).
-    fn data(message: impl Into<String>) -> Failure {
-        Failure { status: 1, message: message.into() }
-    }
-}
+struct Failure(String);
 
 impl From<aclnn::Error> for Failure {
     fn from(e: aclnn::Error) -> Failure {
-        Failure::data(e.to_string())
+        Failure(e.to_string())
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Command line
-
-/// What to do.
-#[derive(Debug)]
-enum Command {
-    Help,
-    Run { soc: Option<String>, job: Option<FileJob> },
-}
-
-/// A file to pack.
-#[derive(Debug)]
-struct FileJob {
-    input: PathBuf,
-    output: PathBuf,
-    options: PackOptions,
-    path: PackPath,
-}
-
-/// Where the packing happens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum PackPath {
-    /// `aclnnConvertWeightToINT4Pack` on the device.
-    Operator,
-    /// The host fast path (`pack_int4_on_host` / `pack_fp4_on_host`).
-    Host,
-}
-
-impl PackPath {
-    fn name(self) -> &'static str {
-        match self {
-            PackPath::Operator => "op",
-            PackPath::Host => "host",
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let soc = match args.as_slice() {
+        [] => None,
+        [flag, name] if flag == "--soc" => Some(name.clone()),
+        _ => {
+            eprintln!("usage: int4pack [--soc NAME]   (packing .npy files is `aclnn pack`)");
+            return ExitCode::from(2);
+        }
+    };
+    match run(soc.as_deref()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
         }
     }
 }
-
-/// The flags as given, before they are checked against each other.
-#[derive(Default)]
-struct Flags {
-    input: Option<OsString>,
-    output: Option<OsString>,
-    dtype: Option<OsString>,
-    format: Option<OsString>,
-    path: Option<OsString>,
-    soc: Option<OsString>,
-}
-
-fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Command, Failure> {
-    let mut flags = Flags::default();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let Some(text) = arg.to_str() else {
-            return Err(Failure::usage(format!("unexpected argument {arg:?}")));
-        };
-        if text == "-h" || text == "--help" {
-            return Ok(Command::Help);
-        }
-        let (name, inline) = match text.split_once('=') {
-            Some((name, value)) if name.starts_with("--") => (name, Some(OsString::from(value))),
-            _ => (text, None),
-        };
-        let slot = match name {
-            "--input" => &mut flags.input,
-            "--output" => &mut flags.output,
-            "--dtype" => &mut flags.dtype,
-            "--format" => &mut flags.format,
-            "--path" => &mut flags.path,
-            "--soc" => &mut flags.soc,
-            other if other.starts_with('-') => return Err(Failure::usage(format!("unknown flag `{other}`"))),
-            other => return Err(Failure::usage(format!("unexpected argument `{other}`"))),
-        };
-        let name = name.to_string();
-        let value = flag_value(&name, inline, &mut args)?;
-        set_once(slot, &name, value)?;
-    }
-    build_command(flags)
-}
-
-/// The value of flag `name`: after `=`, or the next argument.
-fn flag_value(
-    name: &str,
-    inline: Option<OsString>,
-    rest: &mut impl Iterator<Item = OsString>,
-) -> Result<OsString, Failure> {
-    let value = match inline {
-        Some(v) => v,
-        None => rest.next().ok_or_else(|| Failure::usage(format!("{name} needs a value")))?,
-    };
-    if value.is_empty() || value.to_str().is_some_and(|v| v.starts_with("--")) {
-        return Err(Failure::usage(format!("{name} needs a value")));
-    }
-    Ok(value)
-}
-
-fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), Failure> {
-    if slot.is_some() {
-        return Err(Failure::usage(format!("{name} is given twice")));
-    }
-    *slot = Some(value);
-    Ok(())
-}
-
-/// A flag value that must be text (all but the file names).
-fn text_value(name: &str, value: Option<OsString>) -> Result<Option<String>, Failure> {
-    value.map(|v| v.into_string().map_err(|v| Failure::usage(format!("{name} {v:?} is not valid UTF-8")))).transpose()
-}
-
-fn build_command(flags: Flags) -> Result<Command, Failure> {
-    let dtype = text_value("--dtype", flags.dtype)?;
-    let format = text_value("--format", flags.format)?;
-    let path = text_value("--path", flags.path)?;
-    let soc = text_value("--soc", flags.soc)?;
-    let (input, output) = match (flags.input, flags.output) {
-        (Some(input), Some(output)) => (PathBuf::from(input), PathBuf::from(output)),
-        (None, None) => {
-            for (name, given) in [("--dtype", &dtype), ("--format", &format), ("--path", &path)] {
-                if given.is_some() {
-                    return Err(Failure::usage(format!("{name} applies only with --input and --output")));
-                }
-            }
-            return Ok(Command::Run { soc, job: None });
-        }
-        (Some(_), None) => return Err(Failure::usage("--input needs --output")),
-        (None, Some(_)) => return Err(Failure::usage("--output needs --input")),
-    };
-    let container = match dtype.as_deref() {
-        None | Some("int32") => Container::ThirtyTwoBit,
-        Some("int4") => Container::FourBit,
-        Some(other) => return Err(Failure::usage(format!("--dtype `{other}` is not int32 or int4"))),
-    };
-    let format = match format.as_deref() {
-        None | Some("nd") => Format::Nd,
-        Some("nz") => Format::FractalNz,
-        Some(other) => return Err(Failure::usage(format!("--format `{other}` is not nd or nz"))),
-    };
-    let path = match path.as_deref() {
-        None | Some("op") => PackPath::Operator,
-        Some("host") => PackPath::Host,
-        Some(other) => return Err(Failure::usage(format!("--path `{other}` is not op or host"))),
-    };
-    if output.is_dir() {
-        return Err(Failure::usage(format!("--output {} is a directory; expected a file name", output.display())));
-    }
-    let job = FileJob { input, output, options: PackOptions { container, format }, path };
-    Ok(Command::Run { soc, job: Some(job) })
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backend, device and the run as a whole
 
 /// The backend of `ACLNN_BACKEND`, with the simulated SoC replaced by `soc` if given.
 fn select_backend(soc: Option<&str>) -> Result<Backend, Failure> {
@@ -281,79 +68,48 @@ fn select_backend(soc: Option<&str>) -> Result<Backend, Failure> {
     let Some(soc) = soc else { return Ok(backend) };
     match backend.name() {
         "sim" => simulated_backend(soc),
-        other => Err(Failure::usage(format!(
-            "--soc selects a simulated SoC, but {BACKEND_ENV}={other} uses a real device, which reports its own"
-        ))),
+        other => Err(Failure(format!("--soc selects a simulated SoC, but {BACKEND_ENV}={other} uses a real device"))),
     }
 }
 
 #[cfg(feature = "sim")]
 fn simulated_backend(soc: &str) -> Result<Backend, Failure> {
-    Backend::sim(aclnn::sim::SimConfig::with_soc(soc)).map_err(|e| Failure::usage(format!("--soc `{soc}`: {e}")))
+    Backend::sim(aclnn::sim::SimConfig::with_soc(soc)).map_err(|e| Failure(format!("--soc `{soc}`: {e}")))
 }
 
 #[cfg(not(feature = "sim"))]
 fn simulated_backend(_soc: &str) -> Result<Backend, Failure> {
-    Err(Failure::usage("--soc needs the simulator, and this build has no `sim` feature"))
+    Err(Failure("--soc needs the simulator, and this build has no `sim` feature".into()))
 }
 
-/// The device and stream everything runs on. Dropping it releases them (after the buffers).
+/// The device and stream everything runs on.
 struct Session {
     stream: Arc<Stream>,
-    soc: String,
 }
 
-impl Session {
-    fn open(runtime: &Runtime) -> Result<Session, Failure> {
-        let device: Arc<Device> = runtime.device(0)?;
+fn run(soc: Option<&str>) -> Result<(), Failure> {
+    let runtime = Runtime::new(select_backend(soc)?)?;
+    let on_simulator = runtime.backend_name() == "sim";
+    let outcome = (|| {
+        let device = runtime.device(0)?;
         let soc = device.soc_name()?;
-        let stream = device.new_stream()?;
         println!(
             "backend: {}, device 0, SoC {soc} ({:?} family)",
             runtime.backend_name(),
             ChipFamily::from_soc_name(&soc)
         );
-        Ok(Session { stream, soc })
-    }
-}
-
-fn run(command: Command) -> Result<(), Failure> {
-    let (soc, job) = match command {
-        Command::Help => {
-            println!("{HELP}");
-            return Ok(());
+        let session = Session { stream: device.new_stream()? };
+        run_demo(&session)
+    })();
+    // Every device object is gone now: the simulator must be empty.
+    if on_simulator {
+        match check_simulator() {
+            Ok(line) => println!("{line}"),
+            Err(e) if outcome.is_ok() => return Err(Failure(e)),
+            Err(_) => {}
         }
-        Command::Run { soc, job } => (soc, job),
-    };
-    let runtime = Runtime::new(select_backend(soc.as_deref())?)?;
-    let on_simulator = runtime.backend_name() == "sim";
-
-    // Every device object (device, stream, buffers, tensors) lives inside this block.
-    let outcome = Session::open(&runtime).and_then(|session| match &job {
-        None => run_demo(&session).map(|()| None),
-        Some(job) => pack_file(&session, job).map(Some),
-    });
-
-    // The session is gone, and with it every device object: the simulator must be empty now.
-    let simulator = on_simulator.then(check_simulator);
-    let packed = match outcome {
-        Ok(packed) => packed,
-        Err(failure) => {
-            // The first error is the one reported; a clean simulator is still worth saying.
-            if let Some(Ok(line)) = &simulator {
-                println!("{line}");
-            }
-            return Err(failure);
-        }
-    };
-    let simulator_line = simulator.transpose().map_err(Failure::data)?;
-    if let (Some(job), Some(packed)) = (&job, &packed) {
-        write_output(&job.output, packed)?;
     }
-    if let Some(line) = simulator_line {
-        println!("{line}");
-    }
-    Ok(())
+    outcome
 }
 
 /// After every device object is gone: nothing may be left on the simulated device.
@@ -392,9 +148,6 @@ fn check_simulator() -> Result<String, String> {
     Err("the backend is named `sim` but this build has no simulator to inspect".into())
 }
 
-// ---------------------------------------------------------------------------------------------
-// Demo
-
 /// Packs the demo weight every way there is and checks all results.
 fn run_demo(session: &Session) -> Result<(), Failure> {
     let shape = [DEMO_K, DEMO_N];
@@ -411,8 +164,8 @@ fn run_demo(session: &Session) -> Result<(), Failure> {
             let op = int4pack::convert_weight_to_int4_pack(&weight, options)?;
             let host = int4pack::pack_int4_on_host(&session.stream, &weights, &shape, options)?;
             let label = format!("{} {}", dtype_name(op.desc().dtype), format_name(format));
-            let op_bytes = report_packed(PackPath::Operator, &op, &weights, &mut failed)?;
-            let host_bytes = report_packed(PackPath::Host, &host, &weights, &mut failed)?;
+            let op_bytes = report_packed("op", &op, &weights, &mut failed)?;
+            let host_bytes = report_packed("host", &host, &weights, &mut failed)?;
             match first_difference(&op_bytes, &host_bytes) {
                 None => println!("       op and host bytes identical"),
                 Some(at) => {
@@ -423,7 +176,7 @@ fn run_demo(session: &Session) -> Result<(), Failure> {
         }
     }
     if !failed.is_empty() {
-        return Err(Failure::data(format!("demo failed: {}", failed.join("; "))));
+        return Err(Failure(format!("demo failed: {}", failed.join("; "))));
     }
     println!("all packings: round trip OK, op and host bytes identical");
     check_w4a16(session)
@@ -439,7 +192,7 @@ fn check_w4a16(session: &Session) -> Result<(), Failure> {
         let error = HostW4A16::max_error(&y, &problem.golden()?);
         println!("w4a16 matmul (trans_weight={transposed}): max error vs golden {error:.2e}");
         if error > W4A16_RTOL {
-            return Err(Failure::data(format!("w4a16 max error {error:.2e} exceeds {W4A16_RTOL:.0e}")));
+            return Err(Failure(format!("w4a16 max error {error:.2e} exceeds {W4A16_RTOL:.0e}")));
         }
     }
     Ok(())
@@ -447,7 +200,7 @@ fn check_w4a16(session: &Session) -> Result<(), Failure> {
 
 /// Prints one packed weight, checks that it unpacks to `weights`, returns its bytes.
 fn report_packed(
-    path: PackPath,
+    path: &str,
     packed: &PackedWeight,
     weights: &[i32],
     failed: &mut Vec<String>,
@@ -458,7 +211,7 @@ fn report_packed(
     let round_trip = packed.unpack_int4()? == weights;
     println!(
         "[{:<4}] {label}: view {:?}, storage {:?}, {} bytes, words {}: {}",
-        path.name(),
+        path,
         desc.view,
         desc.storage,
         bytes.len(),
@@ -466,7 +219,7 @@ fn report_packed(
         if round_trip { "round trip OK" } else { "round trip FAILED" }
     );
     if !round_trip {
-        failed.push(format!("{label} via {}: unpacked data differs from the input", path.name()));
+        failed.push(format!("{label} via {path}: unpacked data differs from the input"));
     }
     Ok(bytes)
 }
@@ -507,290 +260,4 @@ fn format_name(format: Format) -> String {
         Format::FractalNz => "FRACTAL_NZ".into(),
         other => format!("{other:?}"),
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Packing a file
-
-/// A weight read from a `.npy` file.
-enum Weights {
-    /// int32 values, packed as int4.
-    Int(Vec<i32>),
-    /// float32 values, packed as FP4 E2M1.
-    Float(Vec<f32>),
-}
-
-/// An array to write as `.npy`.
-struct OutputArray {
-    shape: Vec<u64>,
-    data: OutputData,
-}
-
-enum OutputData {
-    Int32(Vec<i32>),
-    Float32(Vec<f32>),
-    Bytes(Vec<u8>),
-}
-
-impl OutputData {
-    fn len(&self) -> usize {
-        match self {
-            OutputData::Int32(v) => v.len(),
-            OutputData::Float32(v) => v.len(),
-            OutputData::Bytes(v) => v.len(),
-        }
-    }
-
-    fn numpy_dtype(&self) -> &'static str {
-        match self {
-            OutputData::Int32(_) => "int32",
-            OutputData::Float32(_) => "float32",
-            OutputData::Bytes(_) => "uint8",
-        }
-    }
-}
-
-/// Packs the weight of `job.input` and returns the array to write (the device objects it used
-/// are released on return).
-fn pack_file(session: &Session, job: &FileJob) -> Result<OutputArray, Failure> {
-    let (weights, shape) = read_weights(&job.input)?;
-    let stream = &session.stream;
-    let packed = match (&weights, job.path) {
-        (Weights::Int(w), PackPath::Operator) => pack_on_device(stream, w, DType::Int32, &shape, job.options)?,
-        (Weights::Float(w), PackPath::Operator) => pack_on_device(stream, w, DType::Float, &shape, job.options)?,
-        (Weights::Int(w), PackPath::Host) => int4pack::pack_int4_on_host(stream, w, &shape, job.options)?,
-        (Weights::Float(w), PackPath::Host) => int4pack::pack_fp4_on_host(stream, w, &shape, job.options)?,
-    };
-    let bytes = packed.to_host_bytes()?;
-    let desc = packed.desc();
-    let source = match weights {
-        Weights::Int(_) => "int32",
-        Weights::Float(_) => "float32",
-    };
-    println!(
-        "packed {} {shape:?} {source} via {} on {}: {} {}, view {:?}, storage {:?}, {} bytes, words {}",
-        job.input.display(),
-        job.path.name(),
-        session.soc,
-        dtype_name(desc.dtype),
-        format_name(desc.format),
-        desc.view,
-        desc.storage,
-        bytes.len(),
-        leading_words(&bytes),
-    );
-    output_array(desc, bytes)
-}
-
-/// Uploads `weights` and packs them with `aclnnConvertWeightToINT4Pack`.
-fn pack_on_device<T: DeviceRepr>(
-    stream: &Arc<Stream>,
-    weights: &[T],
-    dtype: DType,
-    shape: &[i64],
-    options: PackOptions,
-) -> aclnn::Result<PackedWeight> {
-    let buffer = DeviceBuffer::from_host(stream, weights)?;
-    let weight = Tensor::new(&buffer, TensorDesc::nd(dtype, shape))?;
-    int4pack::convert_weight_to_int4_pack(&weight, options)
-}
-
-/// Reads an int32 or float32 C-order `.npy` file.
-fn read_weights(path: &Path) -> Result<(Weights, Vec<i64>), Failure> {
-    let name = path.display();
-    let file = fs::read(path).map_err(|e| Failure::data(format!("cannot read {name}: {e}")))?;
-    check_npy_header(&file).map_err(|e| Failure::data(format!("{name}: {e}")))?;
-    let mut data = file.as_slice();
-    let header = npyz::NpyHeader::from_reader(&mut data)
-        .map_err(|e| Failure::data(format!("{name} is not a valid .npy file: {e}")))?;
-    if header.order() != npyz::Order::C {
-        return Err(Failure::data(format!(
-            "{name} is stored in Fortran order; save it in C order (numpy.ascontiguousarray)"
-        )));
-    }
-    let shape = header
-        .shape()
-        .iter()
-        .map(|d| i64::try_from(*d))
-        .collect::<Result<Vec<i64>, _>>()
-        .map_err(|_| Failure::data(format!("{name}: shape {:?} has a dim beyond 2^63", header.shape())))?;
-    let descr = header.dtype().descr();
-    let Some(kind) = scalar_kind(&header) else {
-        return Err(Failure::data(format!(
-            "{name} holds {descr}; expected int32 (int4 values) or float32 (FP4 values)"
-        )));
-    };
-    let needed = header.len().saturating_mul(4);
-    if needed > data.len() as u64 {
-        return Err(Failure::data(format!(
-            "{name} is truncated: shape {:?} of {descr} needs {needed} bytes of data but the file holds {}",
-            header.shape(),
-            data.len()
-        )));
-    }
-    let npy = npyz::NpyFile::with_header(header, data);
-    let read_error = |e: io::Error| Failure::data(format!("cannot read the data of {name}: {e}"));
-    let weights = match kind {
-        ScalarKind::Int32 => Weights::Int(npy.into_vec::<i32>().map_err(read_error)?),
-        ScalarKind::Float32 => Weights::Float(npy.into_vec::<f32>().map_err(read_error)?),
-    };
-    Ok((weights, shape))
-}
-
-enum ScalarKind {
-    Int32,
-    Float32,
-}
-
-/// The element type of a `.npy` header, if it is one this program packs (either byte order).
-fn scalar_kind(header: &npyz::NpyHeader) -> Option<ScalarKind> {
-    let npyz::DType::Plain(type_str) = header.dtype() else { return None };
-    match (type_str.type_char(), type_str.size_field()) {
-        (npyz::TypeChar::Int, 4) => Some(ScalarKind::Int32),
-        (npyz::TypeChar::Float, 4) => Some(ScalarKind::Float32),
-        _ => None,
-    }
-}
-
-/// Checks the parts of a `.npy` header that `npyz` trusts: it multiplies the dims (and the
-/// sizes of structured dtypes) without overflow checks, which panics on hostile headers in debug
-/// builds. Refuses element counts beyond 2^64 and non-string (structured) dtypes; everything
-/// else is left to `npyz`, which reports malformed headers as errors.
-fn check_npy_header(file: &[u8]) -> Result<(), String> {
-    let Some(rest) = file.strip_prefix(b"\x93NUMPY") else { return Ok(()) };
-    let (len, start) = match rest {
-        [1, _, a, b, ..] => (u16::from_le_bytes([*a, *b]) as usize, 10usize),
-        [2 | 3, _, a, b, c, d, ..] => (u32::from_le_bytes([*a, *b, *c, *d]) as usize, 12),
-        _ => return Ok(()),
-    };
-    let Some(text) = file.get(start..start.saturating_add(len)) else { return Ok(()) };
-    let text = String::from_utf8_lossy(text);
-    if let Some(descr) = value_after_key(&text, "descr")
-        && !descr.starts_with(['\'', '"'])
-    {
-        return Err("structured dtypes are not supported; expected int32 or float32".into());
-    }
-    let Some(shape) = value_after_key(&text, "shape") else { return Ok(()) };
-    let Some(inner) = shape.strip_prefix(['(', '[']) else { return Ok(()) };
-    let Some(end) = inner.find([')', ']']) else { return Ok(()) };
-    let mut elements = 1u64;
-    for dim in inner[..end].split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let Ok(dim) = dim.parse::<u64>() else { return Ok(()) };
-        elements = elements
-            .checked_mul(dim.max(1))
-            .ok_or_else(|| format!("shape ({}) has too many elements", inner[..end].trim()))?;
-    }
-    Ok(())
-}
-
-/// The text after `'key':` (or `"key":`) in a Python dict literal, leading spaces removed.
-fn value_after_key<'t>(text: &'t str, key: &str) -> Option<&'t str> {
-    let at = text.find(&format!("'{key}'")).or_else(|| text.find(&format!("\"{key}\"")))?;
-    let after = text[at + key.len() + 2..].trim_start().strip_prefix(':')?;
-    Some(after.trim_start())
-}
-
-/// The packed bytes as the array to write: 32-bit containers as int32 (or float32 bits for
-/// FLOAT), 4-bit elements as bytes; ND in the view shape, FRACTAL_NZ in the storage shape.
-fn output_array(desc: &TensorDesc, bytes: Vec<u8>) -> Result<OutputArray, Failure> {
-    let dims = if desc.format == Format::FractalNz { &desc.storage } else { &desc.view };
-    let mut shape = dims
-        .iter()
-        .map(|d| u64::try_from(*d))
-        .collect::<Result<Vec<u64>, _>>()
-        .map_err(|_| Failure::data(format!("packed shape {dims:?} has a negative dim")))?;
-    let words = || bytes.chunks_exact(4).map(|w| [w[0], w[1], w[2], w[3]]);
-    let data = match desc.dtype {
-        DType::Int32 => OutputData::Int32(words().map(i32::from_le_bytes).collect()),
-        DType::Float => OutputData::Float32(words().map(|w| f32::from_bits(u32::from_le_bytes(w))).collect()),
-        DType::Int4 | DType::Float4E2M1 => {
-            // Two 4-bit elements per byte.
-            match shape.last_mut() {
-                Some(last) if *last % 2 == 0 => *last /= 2,
-                _ => return Err(Failure::data(format!("packed shape {dims:?} has an odd last dim"))),
-            }
-            OutputData::Bytes(bytes)
-        }
-        other => return Err(Failure::data(format!("unexpected packed dtype {other:?}"))),
-    };
-    let elements = shape.iter().try_fold(1u64, |acc, d| acc.checked_mul(*d));
-    if elements != Some(data.len() as u64) {
-        return Err(Failure::data(format!(
-            "the packed data holds {} {} elements but its shape {shape:?} needs {elements:?}",
-            data.len(),
-            data.numpy_dtype()
-        )));
-    }
-    Ok(OutputArray { shape, data })
-}
-
-/// Writes `array` to `path` through a temporary file in the same directory, renamed into place
-/// only when complete; on any failure nothing is left behind.
-fn write_output(path: &Path, array: &OutputArray) -> Result<(), Failure> {
-    let name = path.display();
-    let encoded = encode_npy(array).map_err(|e| Failure::data(format!("cannot encode {name}: {e}")))?;
-    let file_name = path.file_name().ok_or_else(|| Failure::usage(format!("--output {name} does not name a file")))?;
-    let mut temp_name = OsString::from(".");
-    temp_name.push(file_name);
-    temp_name.push(format!(".{}.tmp", std::process::id()));
-    let temp = TempFile { path: path.with_file_name(temp_name), persisted: false };
-    let write = || -> io::Result<()> {
-        let mut file = OpenOptions::new().write(true).create_new(true).open(&temp.path)?;
-        file.write_all(&encoded)?;
-        file.sync_all()
-    };
-    write().map_err(|e| Failure::data(format!("cannot write {name}: {e}")))?;
-    temp.persist(path).map_err(|e| Failure::data(format!("cannot rename into {name}: {e}")))?;
-    sync_parent(path);
-    println!("wrote {name}: {} {:?} ({} bytes)", array.data.numpy_dtype(), array.shape, encoded.len());
-    Ok(())
-}
-
-/// A temporary file, removed on drop unless renamed into place.
-struct TempFile {
-    path: PathBuf,
-    persisted: bool,
-}
-
-impl TempFile {
-    fn persist(mut self, to: &Path) -> io::Result<()> {
-        fs::rename(&self.path, to)?;
-        self.persisted = true;
-        Ok(())
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.persisted {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// Makes the rename durable where the platform allows it (best effort).
-fn sync_parent(path: &Path) {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if let Ok(dir) = File::open(parent) {
-        let _ = dir.sync_all();
-    }
-}
-
-fn encode_npy(array: &OutputArray) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    match &array.data {
-        OutputData::Int32(v) => write_npy(&mut out, &array.shape, v)?,
-        OutputData::Float32(v) => write_npy(&mut out, &array.shape, v)?,
-        OutputData::Bytes(v) => write_npy(&mut out, &array.shape, v)?,
-    }
-    Ok(out)
-}
-
-fn write_npy<T: npyz::AutoSerialize + Copy>(out: &mut Vec<u8>, shape: &[u64], data: &[T]) -> io::Result<()> {
-    let mut writer = npyz::WriteOptions::new().default_dtype().shape(shape).writer(out).begin_nd()?;
-    writer.extend(data.iter().copied())?;
-    writer.finish()
 }

@@ -19,12 +19,14 @@
 mod formats;
 mod output;
 mod source;
+mod synthetic;
 
 use std::path::{Path, PathBuf};
 
 pub use formats::{FormatKind, QuantFormat};
 pub use output::{ConvertStats, Layout, Progress};
 pub use source::{Source, TensorRef};
+pub use synthetic::SyntheticGptq;
 
 /// Why a checkpoint could not be read or converted. Every variant names what was wrong and
 /// what was expected.

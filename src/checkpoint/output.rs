@@ -49,11 +49,11 @@ pub struct ConvertStats {
 }
 
 /// One tensor of the output: its header entry.
-struct Entry {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    len: usize,
+pub(super) struct Entry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub len: usize,
 }
 
 /// What produces a run of output tensors.
@@ -186,7 +186,11 @@ fn stacks(linears: &[LinearPlan]) -> Result<Grouped<'_>> {
 }
 
 /// Writes the safetensors header (8-byte length, JSON padded to 8 bytes).
-fn write_header(out: &mut dyn Write, entries: &[Entry], metadata: &BTreeMap<String, String>) -> std::io::Result<u64> {
+pub(super) fn write_header(
+    out: &mut dyn Write,
+    entries: &[Entry],
+    metadata: &BTreeMap<String, String>,
+) -> std::io::Result<u64> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap_or_default());
     let mut offset = 0usize;
