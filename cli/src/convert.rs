@@ -115,7 +115,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     let progress = bar(ck.source().data_bytes(), "converting");
     let started = std::time::Instant::now();
     let stats = {
-        let mut writer = std::io::BufWriter::with_capacity(8 << 20, out.file()?);
+        let mut writer = std::io::BufWriter::with_capacity(1 << 20, out.file()?);
         let stats = ck.write(&mut writer, layout, act, args.stack_experts, &mut |p| {
             progress.set_position(p.done);
         })?;

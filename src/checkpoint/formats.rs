@@ -296,12 +296,18 @@ impl QuantFormat {
     }
 
     /// Converts one planned linear.
-    pub fn convert(&self, src: &Source, plan: &LinearPlan) -> Result<Int4Linear> {
+    ///
+    /// `scratch` becomes the packed weight (its memory is reused: a converter that converts layer
+    /// after layer hands the previous layer's buffer back, so no layer pays for fresh pages).
+    pub fn convert(&self, src: &Source, plan: &LinearPlan, scratch: Vec<u8>) -> Result<Int4Linear> {
+        let mut out = scratch;
+        out.clear();
+        out.resize(plan.k * plan.n / 2, 0);
         match self {
-            QuantFormat::Gptq { v2, sym, .. } => gptq_convert(src, plan, *v2, *sym),
-            QuantFormat::Awq { .. } => awq_convert(src, plan),
-            QuantFormat::CompressedTensors { .. } => ct_convert(src, plan),
-            QuantFormat::ModelSlim { version, group_size, .. } => ms_convert(src, plan, version, *group_size),
+            QuantFormat::Gptq { v2, sym, .. } => gptq_convert(src, plan, *v2, *sym, out),
+            QuantFormat::Awq { .. } => awq_convert(src, plan, out),
+            QuantFormat::CompressedTensors { .. } => ct_convert(src, plan, out),
+            QuantFormat::ModelSlim { version, group_size, .. } => ms_convert(src, plan, version, *group_size, out),
         }
     }
 }
@@ -339,12 +345,86 @@ fn bias_of(src: &Source, prefix: &str) -> Option<String> {
 }
 
 /// Packs one output row: `value(n)` gives the int4 (as its nibble) of column `n`.
-fn pack_rows(k: usize, n: usize, nibble: impl Fn(usize, usize) -> u8 + Sync) -> Vec<u8> {
-    let mut out = vec![0u8; k * n / 2];
+fn pack_rows(mut out: Vec<u8>, k: usize, n: usize, nibble: impl Fn(usize, usize) -> u8 + Sync) -> Vec<u8> {
+    debug_assert_eq!(out.len(), k * n / 2);
     out.par_chunks_mut(n / 2).enumerate().for_each(|(r, row)| {
         for (j, b) in row.iter_mut().enumerate() {
             *b = (nibble(r, 2 * j) & 0xF) | (nibble(r, 2 * j + 1) << 4);
         }
+    });
+    out
+}
+
+/// `out[j]` nibble `i` = `w[i]` nibble `j`: an 8x8 transpose of 4-bit cells, by swapping
+/// 4x4, then 2x2, then 1x1 blocks across the diagonal (12 masked swaps instead of 64 moves).
+fn transpose_nibbles(mut w: [u32; 8]) -> [u32; 8] {
+    #[inline(always)]
+    fn swap(w: &mut [u32; 8], a: usize, b: usize, shift: u32, mask: u32) {
+        let t = ((w[a] >> shift) ^ w[b]) & mask;
+        w[b] ^= t;
+        w[a] ^= t << shift;
+    }
+    for i in 0..4 {
+        swap(&mut w, i, i + 4, 16, 0x0000_FFFF);
+    }
+    for i in [0, 1, 4, 5] {
+        swap(&mut w, i, i + 2, 8, 0x00FF_00FF);
+    }
+    for i in [0, 2, 4, 6] {
+        swap(&mut w, i, i + 1, 4, 0x0F0F_0F0F);
+    }
+    w
+}
+
+/// Writes one block of 8 output rows (`block`, `8 * cols8 * 4` bytes) from 8-word groups:
+/// `words(cb)` gives the 8 input words whose nibble `j` is row `j` of the block at column
+/// `8 cb + i` (`i` the word), stored unsigned (`q + 8` or `q`); written as INT4Pack's bytes,
+/// `x ^ 8` per nibble.
+#[inline(always)]
+fn transpose_block(block: &mut [u8], cols8: usize, words: impl Fn(usize) -> [u32; 8]) {
+    let row_bytes = cols8 * 4;
+    let (rows, _) = block.as_chunks_mut::<4>();
+    for cb in 0..cols8 {
+        let t = transpose_nibbles(words(cb));
+        for (j, w) in t.iter().enumerate() {
+            rows[j * cols8 + cb] = (w ^ 0x8888_8888).to_le_bytes();
+        }
+    }
+    debug_assert_eq!(block.len(), 8 * row_bytes);
+}
+
+/// Row blocks per stripe: between stripes, the input a stripe read is given back to the kernel
+/// (one `madvise` per stripe: per block, the TLB shootdowns would cost more than the work).
+const STRIPE_BLOCKS: usize = 256;
+
+/// GPTQ's `qweight` `[K/8, N]` (row `r` packs input rows `8r..8r+8` of every column) to
+/// INT4Pack's `[K, N/2]` bytes: each 8x8 block of nibbles transposed, `q ^ 8`. Input rows are
+/// read front to back and given back stripe by stripe, so the input and output of one large
+/// layer are never resident at once.
+fn gptq_blocks(mut out: Vec<u8>, src: &Source, qweight: &TensorRef, k8: usize, n: usize) -> Vec<u8> {
+    let input = src.bytes(qweight);
+    let (row_bytes, in_row) = (n / 2 * 8, n * 4);
+    for (stripe, chunk) in out.chunks_mut(STRIPE_BLOCKS * row_bytes).enumerate() {
+        let first = stripe * STRIPE_BLOCKS;
+        chunk.par_chunks_mut(row_bytes).enumerate().for_each(|(i, block)| {
+            let row = &input[(first + i) * in_row..(first + i + 1) * in_row];
+            let (words, _) = row.as_chunks::<4>();
+            transpose_block(block, n / 8, |cb| std::array::from_fn(|c| u32::from_le_bytes(words[8 * cb + c])));
+        });
+        let blocks = chunk.len() / row_bytes;
+        src.release_range(qweight, first * in_row, (first + blocks) * in_row);
+    }
+    debug_assert_eq!(out.len(), k8 * row_bytes);
+    out
+}
+
+/// compressed-tensors' `weight_packed` `[N, K/8]` (word `[n, c]` packs rows `8c..8c+8` of column
+/// `n`) to INT4Pack's `[K, N/2]` bytes: each 8x8 block of nibbles transposed, `(q + 8) ^ 8`.
+fn ct_blocks(mut out: Vec<u8>, input: &[u8], k8: usize, n: usize) -> Vec<u8> {
+    let row_bytes = n / 2 * 8;
+    let (words, _) = input.as_chunks::<4>();
+    out.par_chunks_mut(row_bytes).enumerate().for_each(|(c, block)| {
+        transpose_block(block, n / 8, |nb| std::array::from_fn(|i| u32::from_le_bytes(words[(8 * nb + i) * k8 + c])));
     });
     out
 }
@@ -417,7 +497,7 @@ fn group_order(prefix: &str, g_idx: &[i64], group_size: usize, groups: usize) ->
     Ok(order)
 }
 
-fn gptq_convert(src: &Source, plan: &LinearPlan, v2: bool, sym: bool) -> Result<Int4Linear> {
+fn gptq_convert(src: &Source, plan: &LinearPlan, v2: bool, sym: bool, out: Vec<u8>) -> Result<Int4Linear> {
     let p = &plan.prefix;
     let (k, n, groups) = (plan.k, plan.n, plan.groups());
     let qweight = src.require(&format!("{p}.qweight"), &[Dtype::I32], &[Some(k / 8), Some(n)])?;
@@ -439,10 +519,16 @@ fn gptq_convert(src: &Source, plan: &LinearPlan, v2: bool, sym: bool) -> Result<
         u32::from_le_bytes([qw[i], qw[i + 1], qw[i + 2], qw[i + 3]])
     };
     // w = q - 8: the int4 two's-complement nibble of q - 8 is q ^ 8.
-    let packed = pack_rows(k, n, |r, c| {
-        let row = order[r];
-        (((word(row / 8, c) >> (4 * (row % 8))) & 0xF) as u8) ^ 8
-    });
+    let packed = if identity && k % 8 == 0 {
+        // Eight input words (eight columns, eight rows each) are eight output words (eight
+        // rows, eight columns each): an 8x8 transpose of nibbles.
+        gptq_blocks(out, src, qweight, k / 8, n)
+    } else {
+        pack_rows(out, k, n, |r, c| {
+            let row = order[r];
+            (((word(row / 8, c) >> (4 * (row % 8))) & 0xF) as u8) ^ 8
+        })
+    };
     // Zero points along N; v1 stores z - 1 (add 1 to every nibble of the word, as GPTQModel does).
     let zeros: Vec<u32> = words(src.bytes(qzeros))
         .flat_map(|w| {
@@ -502,17 +588,22 @@ fn awq_word(w: u32) -> u32 {
     out
 }
 
-fn awq_convert(src: &Source, plan: &LinearPlan) -> Result<Int4Linear> {
+fn awq_convert(src: &Source, plan: &LinearPlan, out: Vec<u8>) -> Result<Int4Linear> {
     let p = &plan.prefix;
     let (k, n, groups) = (plan.k, plan.n, plan.groups());
     let qweight = src.require(&format!("{p}.qweight"), &[Dtype::I32], &[Some(k), Some(n / 8)])?;
     let qzeros = src.require(&format!("{p}.qzeros"), &[Dtype::I32], &[Some(groups), Some(n / 8)])?;
     let scales = src.require(&format!("{p}.scales"), FLOATS, &[Some(groups), Some(n)])?;
-    // Un-interleave, then q - 8 (XOR 0x8 per nibble): INT4Pack's word, little-endian.
-    let mut packed = vec![0u8; k * n / 2];
-    packed.par_chunks_mut(4).zip(src.bytes(qweight).par_chunks(4)).for_each(|(o, i)| {
-        let w = awq_word(u32::from_le_bytes([i[0], i[1], i[2], i[3]])) ^ 0x8888_8888;
-        o.copy_from_slice(&w.to_le_bytes());
+    // Un-interleave, then q - 8 (XOR 0x8 per nibble): INT4Pack's word, little-endian; input rows
+    // are given back as they are done.
+    let mut packed = out;
+    let row = n / 2;
+    packed.par_chunks_mut(row).zip(src.bytes(qweight).par_chunks(row)).enumerate().for_each(|(r, (o, i))| {
+        for (o, i) in o.chunks_exact_mut(4).zip(i.chunks_exact(4)) {
+            let w = awq_word(u32::from_le_bytes([i[0], i[1], i[2], i[3]])) ^ 0x8888_8888;
+            o.copy_from_slice(&w.to_le_bytes());
+        }
+        src.release_range(qweight, r * row, (r + 1) * row);
     });
     let offset = plan.has_offset.then(|| {
         words(src.bytes(qzeros))
@@ -582,7 +673,7 @@ fn ct_plan(src: &Source, prefix: &str, group_size: usize, symmetric: bool) -> Re
     })
 }
 
-fn ct_convert(src: &Source, plan: &LinearPlan) -> Result<Int4Linear> {
+fn ct_convert(src: &Source, plan: &LinearPlan, out: Vec<u8>) -> Result<Int4Linear> {
     let p = &plan.prefix;
     let (k, n, groups) = (plan.k, plan.n, plan.groups());
     let kw = k.div_ceil(8);
@@ -594,7 +685,11 @@ fn ct_convert(src: &Source, plan: &LinearPlan) -> Result<Int4Linear> {
         u32::from_le_bytes([wp[i], wp[i + 1], wp[i + 2], wp[i + 3]])
     };
     // Stored q + 8, packed along K: the signed nibble of q is stored ^ 8.
-    let packed = pack_rows(k, n, |r, c| (((word(c, r / 8) >> (4 * (r % 8))) & 0xF) as u8) ^ 8);
+    let packed = if k % 8 == 0 {
+        ct_blocks(out, wp, kw, n)
+    } else {
+        pack_rows(out, k, n, |r, c| (((word(c, r / 8) >> (4 * (r % 8))) & 0xF) as u8) ^ 8)
+    };
     let offset = if plan.has_offset {
         let zp_t = src.require(&format!("{p}.weight_zero_point"), &[Dtype::I32, Dtype::I8], &[None, Some(groups)])?;
         let zb = src.bytes(zp_t);
@@ -722,7 +817,7 @@ fn ms_plan(src: &Source, prefix: &str, version: &str, desc_group: usize) -> Resu
     })
 }
 
-fn ms_convert(src: &Source, plan: &LinearPlan, version: &str, desc_group: usize) -> Result<Int4Linear> {
+fn ms_convert(src: &Source, plan: &LinearPlan, version: &str, desc_group: usize, out: Vec<u8>) -> Result<Int4Linear> {
     let p = &plan.prefix;
     let (layout, k, n, _) = ms_layout(src, p, version, desc_group)?;
     let groups = plan.groups();
@@ -732,7 +827,7 @@ fn ms_convert(src: &Source, plan: &LinearPlan, version: &str, desc_group: usize)
     let packed = match layout {
         // Transposed, these bytes are INT4Pack's: byte (k, j) = rows 2j (low) and 2j+1 (high).
         MsLayout::PairedRows => {
-            let mut out = vec![0u8; k * n / 2];
+            let mut out = out;
             out.par_chunks_mut(n / 2).enumerate().for_each(|(r, row)| {
                 for (j, b) in row.iter_mut().enumerate() {
                     *b = w[j * k + r];
@@ -740,7 +835,7 @@ fn ms_convert(src: &Source, plan: &LinearPlan, version: &str, desc_group: usize)
             });
             out
         }
-        MsLayout::PairedCols => pack_rows(k, n, |r, c| {
+        MsLayout::PairedCols => pack_rows(out, k, n, |r, c| {
             let b = w[c * (k / 2) + r / 2];
             if r % 2 == 0 { b & 0xF } else { b >> 4 }
         }),
@@ -752,7 +847,7 @@ fn ms_convert(src: &Source, plan: &LinearPlan, version: &str, desc_group: usize)
                     expected: "int4 values in [-8, 7]".into(),
                 });
             }
-            pack_rows(k, n, |r, c| (w[c * k + r] as u8) & 0xF)
+            pack_rows(out, k, n, |r, c| (w[c * k + r] as u8) & 0xF)
         }
     };
     let offset = if plan.has_offset {
@@ -762,4 +857,32 @@ fn ms_convert(src: &Source, plan: &LinearPlan, version: &str, desc_group: usize)
         None
     };
     Ok(Int4Linear { plan: plan.clone(), packed, scale: ms_floats(src, scale, n, groups), offset, act_perm: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_block_swap_transpose_is_the_plain_transpose() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..1000 {
+            let w: [u32; 8] = std::array::from_fn(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u32
+            });
+            let plain: [u32; 8] =
+                std::array::from_fn(|j| (0..8).fold(0u32, |o, i| o | (((w[i] >> (4 * j)) & 0xF) << (4 * i))));
+            assert_eq!(transpose_nibbles(w), plain, "{w:08x?}");
+        }
+    }
+
+    #[test]
+    fn awq_interleave_is_undone() {
+        // Nibble i holds column AWQ_ORDER[i]: columns 0..7 as values 0..7.
+        let word = AWQ_ORDER.iter().enumerate().fold(0u32, |w, (i, col)| w | ((*col as u32) << (4 * i)));
+        assert_eq!(awq_word(word), 0x7654_3210);
+    }
 }

@@ -226,7 +226,13 @@ impl Checkpoint {
 
     /// Converts one linear (reads its tensors, gives their pages back afterwards).
     pub fn convert_linear(&self, plan: &LinearPlan) -> Result<Int4Linear> {
-        let converted = self.format.convert(&self.source, plan);
+        self.convert_linear_reusing(plan, Vec::new())
+    }
+
+    /// [`convert_linear`](Self::convert_linear), with `scratch` (e.g. the previous layer's
+    /// packed weight) as the memory of the packed weight.
+    pub fn convert_linear_reusing(&self, plan: &LinearPlan, scratch: Vec<u8>) -> Result<Int4Linear> {
+        let converted = self.format.convert(&self.source, plan, scratch);
         for name in &plan.consumes {
             if let Some(t) = self.source.get(name) {
                 self.source.release(t);

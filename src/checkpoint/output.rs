@@ -211,18 +211,28 @@ pub(super) fn write_header(
 
 /// The bytes of a linear's parts, in `entries` order.
 fn linear_parts(
-    linears: &[Int4Linear],
+    mut linears: Vec<Int4Linear>,
     stacked: bool,
     layout: Layout,
     act: ActDtype,
     src: &super::Source,
     name: &str,
 ) -> Result<Vec<Vec<u8>>> {
-    let first = &linears[0].plan;
+    let first = linears[0].plan.clone();
+    let first = &first;
     let mut shape: Vec<usize> = if stacked { vec![linears.len()] } else { Vec::new() };
     shape.extend([first.k, first.n]);
     let wl = weight_layout(name, &shape, layout)?;
-    let nd: Vec<u8> = linears.iter().flat_map(|l| l.packed.iter().copied()).collect();
+    // One linear: its packed bytes as they are; experts: one after the other.
+    let nd: Vec<u8> = if linears.len() == 1 {
+        std::mem::take(&mut linears[0].packed)
+    } else {
+        let mut all = Vec::with_capacity(linears.iter().map(|l| l.packed.len()).sum());
+        for l in &mut linears {
+            all.append(&mut l.packed);
+        }
+        all
+    };
     let weight = match wl.nz {
         None => nd,
         Some(geom) => {
@@ -317,6 +327,8 @@ pub(super) fn write(
     let total = src.data_bytes();
     let mut done = 0u64;
     let mut stats = ConvertStats::default();
+    // The packed weight of the previous linear: its memory holds the next one.
+    let mut scratch: Vec<u8> = Vec::new();
     for (item, es) in &items {
         let (parts, label, read) = match item {
             Item::Copy(t) => {
@@ -327,14 +339,10 @@ pub(super) fn write(
                 (vec![bytes], t.name.clone(), read)
             }
             Item::Linear(plan) => {
-                let converted = ck.convert_linear(plan)?;
+                let converted = ck.convert_linear_reusing(plan, std::mem::take(&mut scratch))?;
                 stats.linears += 1;
                 let read = plan.consumes.iter().filter_map(|n| src.get(n)).map(|t| src.bytes(t).len() as u64).sum();
-                (
-                    linear_parts(std::slice::from_ref(&converted), false, layout, act, src, &plan.prefix)?,
-                    plan.prefix.clone(),
-                    read,
-                )
+                (linear_parts(vec![converted], false, layout, act, src, &plan.prefix)?, plan.prefix.clone(), read)
             }
             Item::Stacked { name, experts } => {
                 let converted: Vec<Int4Linear> = experts.iter().map(|p| ck.convert_linear(p)).collect::<Result<_>>()?;
@@ -346,10 +354,10 @@ pub(super) fn write(
                     .filter_map(|n| src.get(n))
                     .map(|t| src.bytes(t).len() as u64)
                     .sum();
-                (linear_parts(&converted, true, layout, act, src, name)?, name.clone(), read)
+                (linear_parts(converted, true, layout, act, src, name)?, name.clone(), read)
             }
         };
-        for (part, entry) in parts.iter().zip(es) {
+        for (part, entry) in parts.iter().zip(es.iter()) {
             if part.len() != entry.len {
                 return Err(CheckpointError::Tensor {
                     name: entry.name.clone(),
@@ -359,6 +367,11 @@ pub(super) fn write(
             }
             out.write_all(part).map_err(io)?;
             written += part.len() as u64;
+        }
+        if let Item::Linear(_) = item
+            && let Some(weight) = parts.into_iter().next()
+        {
+            scratch = weight;
         }
         done += read;
         progress(super::Progress { done: done.min(total), total, item: label });

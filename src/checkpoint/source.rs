@@ -150,14 +150,21 @@ impl Source {
 
     /// Gives the pages of `t` back to the kernel once they are no longer needed.
     pub fn release(&self, t: &TensorRef) {
+        self.release_range(t, 0, t.end - t.start);
+    }
+
+    /// Gives back the pages that lie wholly inside bytes `[from, to)` of `t` (a converter that
+    /// is done with that part, while it still works on the rest).
+    pub fn release_range(&self, t: &TensorRef, from: usize, to: usize) {
         let shard = &self.shards[t.shard];
         let page = 4096;
-        let start = t.start / page * page;
-        if t.end > start {
+        let start = (t.start + from).div_ceil(page) * page;
+        let end = (t.start + to.min(t.end - t.start)) / page * page;
+        if end > start {
             // SAFETY: a read-only, file-backed private mapping: dropped pages are read again
-            // from the file if touched later; no reference into them is held by the caller
-            // past this point (the converter releases a tensor after it is done with it).
-            let _ = unsafe { shard.map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, t.end - start) };
+            // from the file if touched later (the data never changes), so this cannot change
+            // what any slice of the mapping reads; it only frees memory.
+            let _ = unsafe { shard.map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
         }
     }
 
