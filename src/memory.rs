@@ -230,6 +230,25 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
     /// later uses (and the host, and drop) wait for the copy.
     pub fn copy_from_pinned_async_on(&mut self, src: &PinnedHostBuffer<T>, stream: &Arc<Stream>) -> Result<()> {
         self.check_len(src.len, "source")?;
+        self.copy_from_pinned_async_at(src, 0, stream)
+    }
+
+    /// Queues a copy of `src[offset..offset + self.len()]` into this buffer on `stream` (a large
+    /// staging buffer used for smaller transfers); ordered like
+    /// [`copy_from_pinned_async_on`](Self::copy_from_pinned_async_on).
+    pub fn copy_from_pinned_async_at(
+        &mut self,
+        src: &PinnedHostBuffer<T>,
+        offset: usize,
+        stream: &Arc<Stream>,
+    ) -> Result<()> {
+        if offset.checked_add(self.len).is_none_or(|end| end > src.len) {
+            return Err(Error::invalid(
+                "source range",
+                format!("{} elements from {offset} of a {}-element pinned buffer", self.len, src.len),
+                "a range inside the pinned buffer",
+            ));
+        }
         self.check_stream(stream, &src.device)?;
         if self.len == 0 {
             return Ok(());
@@ -237,10 +256,11 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
         enqueue(stream, &[(&self.tracker, Access::Write), (&src.tracker, Access::Read)], || {
             stream.device().bind()?;
             let (api, bytes) = (self.api(), self.byte_len());
-            let (dst, src) = (self.as_raw(), src.ptr as *const c_void);
-            // SAFETY: both sides hold `bytes` bytes; neither can be freed, nor the pinned one
-            // written by the host, before the mark recorded after this copy has completed (their
-            // trackers make drop and host access wait for it).
+            // In bounds: checked above (`offset + len <= src.len`).
+            let (dst, src) = (self.as_raw(), (src.ptr + offset * std::mem::size_of::<T>()) as *const c_void);
+            // SAFETY: both sides hold `bytes` bytes from their starts; neither can be freed, nor
+            // the pinned one written by the host, before the mark recorded after this copy has
+            // completed (their trackers make drop and host access wait for it).
             call(api, unsafe {
                 c::aclrtMemcpyAsync(api, dst, bytes, src, bytes, sys::ACL_MEMCPY_HOST_TO_DEVICE, stream.raw())
             })

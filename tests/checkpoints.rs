@@ -617,3 +617,62 @@ fn bad_checkpoints_are_typed_errors_naming_what_is_wrong() {
     let e = open_err(dir.path(), FormatKind::Auto);
     assert!(e.to_string().contains("bitsandbytes"), "{e}");
 }
+
+#[test]
+fn a_checkpoint_loads_straight_onto_two_devices_ready_for_the_matmul() {
+    use aclnn::ops::wqbmm::{HostW4A16, WeightQuantMatmul};
+    use aclnn::{DType, DeviceBuffer, Tensor, TensorDesc, Workspace};
+    let dir = tempfile::tempdir().unwrap();
+    let truths: Vec<Truth> = (0..4).map(|i| Truth::new(128, 32, 64, false, false, 40 + i)).collect();
+    let mut t = Tensors::default();
+    for (i, x) in truths.iter().enumerate() {
+        gptq(&mut t, &format!("model.layers.{i}.mlp.down_proj"), x, true);
+    }
+    t.write(&dir.path().join("model.safetensors"));
+    json(
+        dir.path(),
+        "config.json",
+        serde_json::json!({"quantization_config": {
+        "quant_method": "gptq", "bits": 4, "group_size": 64, "sym": false, "checkpoint_format": "gptq_v2"}}),
+    );
+    let ck = Checkpoint::open(dir.path(), FormatKind::Auto).unwrap();
+    let h = common::harness();
+    {
+        let devices = h.runtime.device_count().unwrap().min(2);
+        let streams: Vec<_> = (0..devices).map(|d| h.runtime.device(d).unwrap().new_stream().unwrap()).collect();
+        let mut seen = 0;
+        let loaded = ck.load(&streams, Layout::Nd, ActDtype::F16, &mut |p| seen = p.done).unwrap();
+        assert_eq!(loaded.len(), 4);
+        assert!(seen > 0);
+        for (i, (l, x)) in loaded.iter().zip(&truths).enumerate() {
+            assert_eq!(l.plan.prefix, format!("model.layers.{i}.mlp.down_proj"));
+            let stream = &l.stream;
+            let m = 3;
+            let xs: Vec<half::f16> =
+                (0..m * x.k).map(|i| half::f16::from_f32(((i * 7) % 13) as f32 / 13.0 - 0.5)).collect();
+            let w_src = x.dequantized();
+            let golden: Vec<f32> = (0..m * x.n)
+                .map(|p| (0..x.k).map(|r| xs[(p / x.n) * x.k + r].to_f32() * w_src[r * x.n + p % x.n]).sum())
+                .collect();
+            let xb = DeviceBuffer::from_host(stream, &xs.iter().map(|v| v.to_bits()).collect::<Vec<u16>>()).unwrap();
+            let mut yb = DeviceBuffer::<u16>::alloc(stream, m * x.n).unwrap();
+            {
+                let xt = Tensor::new(&xb, TensorDesc::nd(DType::Float16, &[m as i64, x.k as i64])).unwrap();
+                let (w, s, o) = (l.weight_tensor().unwrap(), l.scale_tensor().unwrap(), l.offset_tensor().unwrap());
+                let mut yt = Tensor::new_mut(&mut yb, TensorDesc::nd(DType::Float16, &[m as i64, x.n as i64])).unwrap();
+                let op = WeightQuantMatmul {
+                    antiquant_offset: o.as_ref(),
+                    antiquant_group_size: 64,
+                    ..WeightQuantMatmul::new(&xt, &w, &s)
+                };
+                op.run(&mut yt, stream, &mut Workspace::new(stream)).unwrap();
+            }
+            let y: Vec<f32> = yb.to_vec().unwrap().into_iter().map(|b| half::f16::from_bits(b).to_f32()).collect();
+            assert!(HostW4A16::max_error(&y, &golden) < 2e-2, "{}", l.plan.prefix);
+        }
+        if devices == 2 {
+            assert!(!std::sync::Arc::ptr_eq(loaded[0].stream.device(), loaded[1].stream.device()), "round robin");
+        }
+    }
+    h.assert_clean();
+}

@@ -17,6 +17,7 @@
 //! every other tensor copied unchanged) into any writer, one tensor at a time.
 
 mod formats;
+mod load;
 mod output;
 mod source;
 mod synthetic;
@@ -24,6 +25,7 @@ mod synthetic;
 use std::path::{Path, PathBuf};
 
 pub use formats::{FormatKind, QuantFormat};
+pub use load::DeviceLinear;
 pub use output::{ConvertStats, Layout, Progress};
 pub use source::{Source, TensorRef};
 pub use synthetic::SyntheticGptq;
