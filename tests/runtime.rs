@@ -350,6 +350,41 @@ mod simulator {
     }
 
     #[test]
+    fn huge_allocations_return_a_status_and_never_abort() {
+        if !common::on_sim() {
+            return;
+        }
+        let h = common::harness();
+        {
+            let device = h.runtime.device(0).unwrap();
+            let stream = device.new_stream().unwrap();
+            let total = device.memory_info().unwrap().total;
+            assert_eq!(total, sim::hbm_bytes(sim::SOC_A2), "capacity is the SoC's HBM size");
+            // 40 GiB is more than this host's RAM on small CI machines: reserved lazily.
+            let big = DeviceBuffer::<u8>::alloc(&stream, 40 << 30).unwrap();
+            assert!(device.memory_info().unwrap().free <= total - (40u64 << 30));
+            // Touch the far end; only those pages become real, and they read back.
+            device.bind().unwrap();
+            let api = h.runtime.api();
+            let end = (big.as_raw() as usize + (40 << 30) - 64) as *mut c_void;
+            let mut host = [7u8; 64];
+            assert_eq!(memcpy(api, end, 64, host.as_ptr().cast(), 64, sys::ACL_MEMCPY_HOST_TO_DEVICE), 0);
+            host.fill(0);
+            assert_eq!(memcpy(api, host.as_mut_ptr().cast(), 64, end, 64, sys::ACL_MEMCPY_DEVICE_TO_HOST), 0);
+            assert_eq!(host, [7u8; 64]);
+            for size in [1usize << 40, 30 << 30, usize::MAX / 2] {
+                let err = DeviceBuffer::<u8>::alloc(&stream, size).unwrap_err();
+                assert!(err.is_out_of_memory(), "{size} bytes: {err}");
+            }
+            assert!(DeviceBuffer::<u8>::alloc(&stream, usize::MAX).is_err());
+            drop(big);
+            let again = DeviceBuffer::<u8>::alloc(&stream, 30 << 30).unwrap();
+            drop(again);
+        }
+        h.assert_clean();
+    }
+
+    #[test]
     fn reconfiguring_a_busy_simulator_is_refused() {
         if !common::on_sim() {
             return;

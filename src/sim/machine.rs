@@ -95,7 +95,55 @@ pub struct SimStats {
 pub(crate) struct Allocation {
     pub device: u32,
     pub size: u64,
-    pub data: Vec<u8>,
+    pub data: DeviceBytes,
+}
+
+/// Allocations up to this size are filled with a garbage pattern at allocation time; larger
+/// ones are reserved lazily (address space only) and read as zero until written.
+const EAGER_FILL_LIMIT: u64 = 64 << 20;
+
+/// Host memory behind one simulated device allocation.
+///
+/// Small allocations are filled with `0xA5` (real device memory holds garbage, and a fixed
+/// pattern makes reads of never-written memory visible in tests). Large ones are an anonymous
+/// mapping without swap reservation, so pages appear only on first touch and a 40 GiB
+/// allocation on a 24 GiB host costs nothing until it is written.
+pub(crate) enum DeviceBytes {
+    Filled(Vec<u8>),
+    Lazy(memmap2::MmapMut),
+}
+
+impl DeviceBytes {
+    /// Backs `len` bytes, or `None` when the host cannot (never aborts the process).
+    fn new(len: u64) -> Option<DeviceBytes> {
+        let len_usize = usize::try_from(len).ok()?;
+        if len <= EAGER_FILL_LIMIT {
+            let mut bytes = Vec::new();
+            bytes.try_reserve_exact(len_usize).ok()?;
+            bytes.resize(len_usize, 0xA5);
+            return Some(DeviceBytes::Filled(bytes));
+        }
+        memmap2::MmapOptions::new().len(len_usize).no_reserve_swap().map_anon().ok().map(DeviceBytes::Lazy)
+    }
+}
+
+impl std::ops::Deref for DeviceBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            DeviceBytes::Filled(bytes) => bytes,
+            DeviceBytes::Lazy(map) => map,
+        }
+    }
+}
+
+impl std::ops::DerefMut for DeviceBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            DeviceBytes::Filled(bytes) => bytes,
+            DeviceBytes::Lazy(map) => map,
+        }
+    }
 }
 
 /// A live `aclrtMallocHost` buffer. `id` tells a buffer from a later one at the same address.
@@ -438,12 +486,11 @@ impl Machine {
         if dev.next_offset.checked_add(rounded).is_none_or(|end| end >= DEVICE_SPAN) {
             return Err(oom);
         }
+        let data = DeviceBytes::new(rounded).ok_or(oom)?;
         // Leave a gap so that an overrun never lands silently in the next allocation.
         dev.next_offset += rounded + 4096 - rounded % 4096;
         dev.used += rounded;
-        // Fresh device memory holds garbage on hardware; a fixed pattern makes reads of
-        // never-written memory visible in tests.
-        self.allocations.insert(addr, Allocation { device, size, data: vec![0xA5; rounded as usize] });
+        self.allocations.insert(addr, Allocation { device, size, data });
         Ok(addr)
     }
 

@@ -42,23 +42,38 @@ pub struct SimConfig {
     /// Number of devices (`aclrtGetDeviceCount`).
     pub device_count: u32,
     /// Device memory per device in bytes; allocations beyond it fail with the real
-    /// out-of-memory code (207001).
+    /// out-of-memory code (207001). Large allocations are reserved lazily (address space
+    /// only), so a capacity above the host's RAM is fine until the memory is written.
     pub memory_per_device: u64,
     /// SoC name reported by `aclrtGetSocName`; selects the operator's chip-dependent rules.
     pub soc_name: String,
 }
 
 impl Default for SimConfig {
-    /// Two Atlas A2 devices with 64 GiB each.
+    /// Two Atlas A2 devices (Ascend910B3) with 64 GiB of HBM each.
     fn default() -> Self {
-        SimConfig { device_count: 2, memory_per_device: 64 << 30, soc_name: SOC_A2.to_string() }
+        SimConfig::with_soc(SOC_A2)
     }
 }
 
 impl SimConfig {
-    /// The default machine with another SoC name.
+    /// The default machine (two devices) with another SoC name; each device gets that SoC's
+    /// HBM size ([`hbm_bytes`]).
     pub fn with_soc(soc_name: &str) -> SimConfig {
-        SimConfig { soc_name: soc_name.to_string(), ..SimConfig::default() }
+        SimConfig { device_count: 2, memory_per_device: hbm_bytes(soc_name), soc_name: soc_name.to_string() }
+    }
+}
+
+/// HBM capacity per device of a SoC, as the simulator models it: 32 GiB for Ascend910B4,
+/// 128 GiB for the Ascend 950 family, 64 GiB for every other part (910B1–B3, 910_93 dies).
+pub fn hbm_bytes(soc_name: &str) -> u64 {
+    const GIB: u64 = 1 << 30;
+    if soc_name.starts_with("Ascend910B4") {
+        32 * GIB
+    } else if soc_name.starts_with("Ascend950") {
+        128 * GIB
+    } else {
+        64 * GIB
     }
 }
 
