@@ -383,7 +383,9 @@ fn bench_size(k: usize, n: usize, runs: usize, flusher: &mut Flusher, one: &rayo
 fn traffic(k: usize, n: usize) -> Result<(), BoxError> {
     let weights = k * n;
     let ints = int_input(weights);
+    // Counting copies needs the simulator's counters, whatever ACLNN_BACKEND says.
     let runtime = Runtime::new(Backend::sim(aclnn::sim::SimConfig::default())?)?;
+    println!("backend: {} (copy counts come from the simulated device)", runtime.backend_name());
     let device = runtime.device(0)?;
     let stream = device.new_stream()?;
     let shape = [k as i64, n as i64];

@@ -3,19 +3,41 @@
 use crate::error::{Error, Result};
 use crate::runtime::Backend;
 
-/// Environment variable that selects the backend: `cann` or `sim` (default `sim` when the `sim`
-/// feature is on, else `cann`).
+/// Environment variable that selects the backend: `cann` or `sim`. When unset, see
+/// [`backend_from_env`].
 pub const BACKEND_ENV: &str = "ACLNN_BACKEND";
 
-/// The backend named by `ACLNN_BACKEND`. Never falls back: asking for `cann` on a machine
-/// without CANN gives an error from [`crate::Runtime::new`] that lists every path searched.
+/// Variables CANN's `set_env.sh` exports; any of them set means "this is an NPU host".
+pub const CANN_ENV: [&str; 2] = ["ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME"];
+
+/// The backend named by `ACLNN_BACKEND`.
+///
+/// When the variable is unset or empty: `cann` if CANN's environment is present (one of
+/// [`CANN_ENV`] is set, i.e. `set_env.sh` was sourced), else the simulator (or `cann` in a
+/// build without the `sim` feature). Never falls back after a failure: `cann` on a machine
+/// whose libraries do not load gives an error from [`crate::Runtime::new`] that lists every
+/// path searched, not a silent switch to a fake device.
 pub fn backend_from_env() -> Result<Backend> {
     let value = std::env::var(BACKEND_ENV).unwrap_or_default();
+    match choose(&value, cann_environment_present())? {
+        Choice::Cann => Ok(Backend::cann()),
+        Choice::Sim => sim_backend(),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Choice {
+    Cann,
+    Sim,
+}
+
+/// The decision of [`backend_from_env`], apart from reading the environment.
+fn choose(value: &str, cann_environment: bool) -> Result<Choice> {
     match value.trim() {
-        "cann" => Ok(Backend::cann()),
-        "sim" => sim_backend(),
-        "" if cfg!(feature = "sim") => sim_backend(),
-        "" => Ok(Backend::cann()),
+        "cann" => Ok(Choice::Cann),
+        "sim" => Ok(Choice::Sim),
+        "" if cann_environment || !cfg!(feature = "sim") => Ok(Choice::Cann),
+        "" => Ok(Choice::Sim),
         other => Err(Error::invalid(
             "ACLNN_BACKEND",
             format!("`{other}` is not a backend"),
@@ -32,4 +54,25 @@ fn sim_backend() -> Result<Backend> {
 #[cfg(not(feature = "sim"))]
 fn sim_backend() -> Result<Backend> {
     Err(Error::Backend("ACLNN_BACKEND=sim, but this build has no `sim` feature".into()))
+}
+
+/// Whether CANN's `set_env.sh` has been sourced in this process's environment.
+fn cann_environment_present() -> bool {
+    CANN_ENV.iter().any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_npu_host_gets_cann_unless_told_otherwise() {
+        assert_eq!(choose("", true).unwrap(), Choice::Cann);
+        assert_eq!(choose("sim", true).unwrap(), Choice::Sim);
+        assert_eq!(choose(" cann ", false).unwrap(), Choice::Cann);
+        let default = if cfg!(feature = "sim") { Choice::Sim } else { Choice::Cann };
+        assert_eq!(choose("", false).unwrap(), default);
+        let err = choose("npu", false).unwrap_err().to_string();
+        assert!(err.contains("`npu` is not a backend") && err.contains("`cann`"), "{err}");
+    }
 }

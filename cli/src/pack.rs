@@ -62,12 +62,12 @@ pub struct PackArgs {
     #[arg(long, value_enum, default_value_t = PackPath::Op)]
     pub path: PackPath,
     /// SoC of the simulated device (one of the names `aclnn::soc::KNOWN_SOCS` lists); not
-    /// allowed with ACLNN_BACKEND=cann.
+    /// allowed when the backend is `cann`.
     #[arg(long, value_name = "NAME")]
     pub soc: Option<String>,
 }
 
-/// The backend of `ACLNN_BACKEND`, with the simulated SoC replaced by `soc` if given.
+/// The backend `Runtime::from_env` would pick, with the simulated SoC replaced by `soc` if given.
 fn select_backend(soc: Option<&str>) -> Result<Backend> {
     if let Some(soc) = soc
         && !aclnn::soc::KNOWN_SOCS.contains(&soc)
@@ -79,7 +79,10 @@ fn select_backend(soc: Option<&str>) -> Result<Backend> {
     match backend.name() {
         "sim" => simulated_backend(soc),
         other => {
-            bail!("--soc selects a simulated SoC, but {BACKEND_ENV}={other} uses a real device, which reports its own")
+            bail!(
+                "--soc selects a simulated SoC, but the backend is `{other}` (set {BACKEND_ENV}=sim to simulate; \
+                 CANN's environment selects cann when it is unset), and a real device reports its own SoC"
+            )
         }
     }
 }

@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fmt;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
+
+use once_cell::sync::OnceCell;
 
 use crate::generated::{for_each_function, pfn};
 use crate::loader::{LoadError, Loader, LoaderConfig};
@@ -56,11 +58,12 @@ macro_rules! define_api {
         /// Names of every C function in the table, in table order.
         pub const FUNCTION_NAMES: &[&str] = &[$(stringify!($name)),*];
 
-        /// Per-symbol resolution results of the dynamic loader.
+        /// Per-symbol resolutions of the dynamic loader: successes are cached, failures are
+        /// retried on the next call (the library may not have opened yet).
         #[derive(Default)]
         #[allow(non_snake_case)]
         struct Resolved {
-            $( $name: OnceLock<Result<pfn::$name, LoadError>>, )*
+            $( $name: OnceCell<pfn::$name>, )*
         }
 
         #[allow(non_snake_case)]
@@ -75,14 +78,14 @@ macro_rules! define_api {
                         Source::Dynamic(dynamic) => dynamic
                             .resolved
                             .$name
-                            .get_or_init(|| {
+                            .get_or_try_init(|| {
                                 let address = dynamic.loader.resolve(stringify!($name))?;
                                 // SAFETY: `address` is the exported symbol of that name, whose
                                 // C signature is the one `pfn` was generated from; a data
                                 // pointer and a function pointer have the same size here.
                                 Ok(unsafe { std::mem::transmute::<*mut c_void, pfn::$name>(address) })
                             })
-                            .clone(),
+                            .copied(),
                     }
                 }
             )*

@@ -9,7 +9,7 @@
 use std::ffi::c_void;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use once_cell::sync::OnceCell;
 
 use libloading::Library;
 
@@ -174,9 +174,13 @@ struct Opened {
 }
 
 /// Opens library groups on first use and resolves symbols in them.
+///
+/// A group that opened is kept for the life of the loader; one that failed is tried again on
+/// the next use (`OnceCell::get_or_try_init` caches successes only), so a transient failure
+/// (`EMFILE`, a library still being installed) is not remembered forever.
 pub(crate) struct Loader {
     config: LoaderConfig,
-    groups: [OnceLock<Result<Vec<Opened>, LoadError>>; 3],
+    groups: [OnceCell<Vec<Opened>>; 3],
 }
 
 impl Loader {
@@ -186,11 +190,7 @@ impl Loader {
 
     /// Opens (once) every file of `group` that can be opened; one per file name.
     fn group(&self, group: LibraryGroup) -> Result<&[Opened], LoadError> {
-        let slot = self.groups[group.index()].get_or_init(|| open_group(&self.config, group));
-        match slot {
-            Ok(libs) => Ok(libs),
-            Err(e) => Err(e.clone()),
-        }
+        self.groups[group.index()].get_or_try_init(|| open_group(&self.config, group)).map(Vec::as_slice)
     }
 
     /// Ensures the runtime library can be opened.
@@ -203,7 +203,6 @@ impl Loader {
         self.groups
             .iter()
             .filter_map(|g| g.get())
-            .filter_map(|r| r.as_ref().ok())
             .flat_map(|libs| libs.iter().map(|l| l.path.clone()))
             .collect()
     }

@@ -1,5 +1,6 @@
-//! Shared set-up for behaviour tests: the backend comes from `ACLNN_BACKEND` (default `sim`),
-//! so the same test bodies run on the simulated device and on a real NPU host.
+//! Shared set-up for behaviour tests: the backend is chosen like `Runtime::from_env` does
+//! (`ACLNN_BACKEND`, else `cann` when CANN's environment is present, else `sim`), so the same
+//! test bodies run on the simulated device and on a real NPU host.
 #![allow(dead_code)]
 
 use std::ffi::CStr;
@@ -13,7 +14,11 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// `true` when the tests run on the simulator.
 pub fn on_sim() -> bool {
-    !matches!(std::env::var("ACLNN_BACKEND").as_deref(), Ok("cann"))
+    match std::env::var(aclnn::BACKEND_ENV).as_deref().map(str::trim) {
+        Ok("cann") => false,
+        Ok("sim") => true,
+        _ => !aclnn::CANN_ENV.iter().any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty())),
+    }
 }
 
 /// A test's hold on the backend: serialises tests and, on the simulator, checks at the end that
