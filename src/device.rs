@@ -62,7 +62,9 @@ impl Device {
             crate::Error::invalid("device id", format!("{id} does not fit an int32_t"), "a device index below 2^31")
         })?;
         // SAFETY: plain value argument.
-        call(api, unsafe { c::aclrtSetDevice(api, id_c) })?;
+        if let Err(e) = call(api, unsafe { c::aclrtSetDevice(api, id_c) }) {
+            return Err(explain_invisible(&runtime, id, e));
+        }
         let created = (|| {
             let mut ctx: sys::aclrtContext = std::ptr::null_mut();
             // SAFETY: `ctx` is a valid out-pointer.
@@ -240,4 +242,19 @@ impl fmt::Debug for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Device").field("id", &self.id).field("backend", &self.runtime.backend_name()).finish()
     }
+}
+
+/// Turns a refused `aclrtSetDevice` into [`crate::Error::DeviceNotVisible`] when the index is
+/// beyond what the process sees (a bare 107001 says nothing about zero visible devices).
+fn explain_invisible(runtime: &Runtime, id: u32, error: crate::Error) -> crate::Error {
+    let code = match error.code() {
+        Some(code @ (sys::ACL_ERROR_RT_INVALID_DEVICEID | sys::ACL_ERROR_RT_NO_DEVICE)) => code,
+        _ => return error,
+    };
+    let visible = match runtime.device_count() {
+        Ok(n) => n,
+        Err(e) if e.code() == Some(sys::ACL_ERROR_RT_NO_DEVICE) => 0,
+        Err(_) => return error,
+    };
+    if id < visible { error } else { crate::Error::DeviceNotVisible { id, visible, code } }
 }

@@ -63,6 +63,16 @@ pub enum Error {
         /// The accepted range.
         expected: &'static str,
     },
+    /// `aclrtSetDevice` refused a device index the process cannot see.
+    #[error("device {id} is not visible to this process: {}", visible_hint(*visible))]
+    DeviceNotVisible {
+        /// The requested device index.
+        id: u32,
+        /// How many devices the process sees (`aclrtGetDeviceCount`).
+        visible: u32,
+        /// The runtime's code from `aclrtSetDevice` (e.g. 107001).
+        code: i32,
+    },
     /// Backend selection or configuration failed.
     #[error("backend: {0}")]
     Backend(String),
@@ -72,7 +82,9 @@ impl Error {
     /// The raw ACL / aclnn code, if the error came from the C API.
     pub fn code(&self) -> Option<i32> {
         match self {
-            Error::Runtime { code, .. } | Error::Aclnn { code, .. } => Some(*code),
+            Error::Runtime { code, .. } | Error::Aclnn { code, .. } | Error::DeviceNotVisible { code, .. } => {
+                Some(*code)
+            }
             _ => None,
         }
     }
@@ -90,6 +102,17 @@ impl Error {
     }
 }
 
+fn visible_hint(visible: u32) -> String {
+    if visible == 0 {
+        "no NPU is visible at all; check that the driver sees the cards (`npu-smi info`), that \
+         ASCEND_RT_VISIBLE_DEVICES does not hide them, and, in a container, that /dev/davinci*, \
+         /dev/davinci_manager, /dev/devmm_svm and /dev/hisi_hdc are mounted"
+            .to_string()
+    } else {
+        format!("it sees {visible} device(s), indices 0 to {} (ASCEND_RT_VISIBLE_DEVICES renumbers them)", visible - 1)
+    }
+}
+
 fn detail(message: &Option<String>) -> String {
     match message {
         Some(m) if !m.trim().is_empty() => format!(": {}", m.trim()),
@@ -97,39 +120,19 @@ fn detail(message: &Option<String>) -> String {
     }
 }
 
-/// Name of a known runtime code (ACL or ACL runtime), for messages.
+/// Name of a runtime status code (ACL or ACL runtime), for messages: every code the headers
+/// define ([`sys::STATUS_NAMES`]), else `"unknown code"`.
 pub fn runtime_code_name(code: i32) -> &'static str {
     match code {
         sys::ACL_SUCCESS => "ACL_SUCCESS",
-        sys::ACL_ERROR_INVALID_PARAM => "ACL_ERROR_INVALID_PARAM",
-        sys::ACL_ERROR_UNINITIALIZE => "ACL_ERROR_UNINITIALIZE",
-        sys::ACL_ERROR_REPEAT_INITIALIZE => "ACL_ERROR_REPEAT_INITIALIZE",
-        sys::ACL_ERROR_REPEAT_FINALIZE => "ACL_ERROR_REPEAT_FINALIZE",
-        sys::ACL_ERROR_BAD_ALLOC => "ACL_ERROR_BAD_ALLOC",
-        sys::ACL_ERROR_INVALID_DEVICE => "ACL_ERROR_INVALID_DEVICE",
-        sys::ACL_ERROR_INTERNAL_ERROR => "ACL_ERROR_INTERNAL_ERROR",
-        sys::ACL_ERROR_RT_PARAM_INVALID => "ACL_ERROR_RT_PARAM_INVALID",
-        sys::ACL_ERROR_RT_INVALID_DEVICEID => "ACL_ERROR_RT_INVALID_DEVICEID",
-        sys::ACL_ERROR_RT_CONTEXT_NULL => "ACL_ERROR_RT_CONTEXT_NULL",
-        sys::ACL_ERROR_RT_MEMORY_ALLOCATION => "ACL_ERROR_RT_MEMORY_ALLOCATION",
-        sys::ACL_ERROR_RT_DEVICE_OOM => "ACL_ERROR_RT_DEVICE_OOM",
-        sys::ACL_ERROR_RT_NO_DEVICE => "ACL_ERROR_RT_NO_DEVICE",
-        sys::ACL_ERROR_RT_INTERNAL_ERROR => "ACL_ERROR_RT_INTERNAL_ERROR",
-        sys::ACL_ERROR_RT_DEVICE_MEM_ERROR => "ACL_ERROR_RT_DEVICE_MEM_ERROR",
-        _ => "unknown code",
+        _ => sys::status_name(code).unwrap_or("unknown code"),
     }
 }
 
-/// Name of a known aclnn status, for messages.
+/// Name of an aclnn status, for messages (aclnn operators also return runtime codes).
 pub fn aclnn_code_name(code: i32) -> &'static str {
     match code {
         sys::ACLNN_SUCCESS => "ACLNN_SUCCESS",
-        sys::ACLNN_ERR_PARAM_NULLPTR => "ACLNN_ERR_PARAM_NULLPTR",
-        sys::ACLNN_ERR_PARAM_INVALID => "ACLNN_ERR_PARAM_INVALID",
-        sys::ACLNN_ERR_RUNTIME_ERROR => "ACLNN_ERR_RUNTIME_ERROR",
-        sys::ACLNN_ERR_INNER => "ACLNN_ERR_INNER",
-        sys::ACLNN_ERR_INNER_FIND_KERNEL_ERROR => "ACLNN_ERR_INNER_FIND_KERNEL_ERROR",
-        sys::ACLNN_ERR_INNER_OPP_PATH_NOT_FOUND => "ACLNN_ERR_INNER_OPP_PATH_NOT_FOUND",
         _ => runtime_code_name(code),
     }
 }
@@ -179,5 +182,18 @@ mod tests {
         assert_eq!(oom.to_string(), "aclrtMalloc failed: ACL runtime error 207001 (ACL_ERROR_RT_MEMORY_ALLOCATION)");
         let unknown = Error::Runtime { api: "aclrtFoo", code: 999_999, message: None };
         assert!(unknown.to_string().contains("999999 (unknown code)"));
+    }
+
+    #[test]
+    fn every_code_the_headers_define_has_its_name() {
+        assert!(sys::STATUS_NAMES.len() > 100);
+        for &(code, name) in sys::STATUS_NAMES {
+            let shown = if code == 0 { "ACL_SUCCESS" } else { name };
+            assert_eq!(runtime_code_name(code), shown);
+        }
+        assert_eq!(runtime_code_name(507046), "ACL_ERROR_RT_STREAM_SYNC_TIMEOUT");
+        assert_eq!(runtime_code_name(507015), "ACL_ERROR_RT_AICORE_EXCEPTION");
+        assert_eq!(aclnn_code_name(0), "ACLNN_SUCCESS");
+        assert_eq!(aclnn_code_name(561003), "ACLNN_ERR_INNER_FIND_KERNEL_ERROR");
     }
 }

@@ -395,7 +395,30 @@ mod simulator {
         assert!(matches!(err, sim::SimError::Busy { .. }), "{err}");
         drop(device);
         sim::install(sim::SimConfig::default()).unwrap();
-        assert!(sim::install(sim::SimConfig { device_count: 0, ..Default::default() }).is_err());
+        assert!(sim::install(sim::SimConfig { device_count: 65, ..Default::default() }).is_err());
+        h.assert_clean();
+    }
+
+    #[test]
+    fn a_device_the_process_cannot_see_is_explained() {
+        if !common::on_sim() {
+            return;
+        }
+        let h = common::harness();
+        let err = h.runtime.device(5).unwrap_err();
+        assert!(matches!(err, Error::DeviceNotVisible { id: 5, visible: 2, code: 107001 }), "{err:?}");
+        assert!(err.to_string().contains("indices 0 to 1"), "{err}");
+        {
+            let none = aclnn::Runtime::new(
+                aclnn::Backend::sim(sim::SimConfig { device_count: 0, ..Default::default() }).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(none.device_count().unwrap(), 0);
+            let err = none.device(0).unwrap_err();
+            assert!(matches!(err, Error::DeviceNotVisible { id: 0, visible: 0, .. }), "{err:?}");
+            assert!(err.to_string().contains("npu-smi info"), "{err}");
+        }
+        sim::install(sim::SimConfig::default()).unwrap();
         h.assert_clean();
     }
 }

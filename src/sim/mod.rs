@@ -39,7 +39,7 @@ pub const SOC_950: &str = "Ascend950PR_9599";
 /// How the simulated machine looks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimConfig {
-    /// Number of devices (`aclrtGetDeviceCount`).
+    /// Number of devices (`aclrtGetDeviceCount`); 0 models a host (or container) that sees none.
     pub device_count: u32,
     /// Device memory per device in bytes; allocations beyond it fail with the real
     /// out-of-memory code (207001). Large allocations are reserved lazily (address space
@@ -98,8 +98,8 @@ pub enum SimError {
 /// Configures the simulated machine (when idle, or when `config` equals the one in use) and
 /// returns its function table.
 pub fn install(config: SimConfig) -> Result<FunctionTable, SimError> {
-    if config.device_count == 0 || config.device_count > 64 {
-        return Err(SimError::Invalid(format!("device_count is {}, expected 1 to 64", config.device_count)));
+    if config.device_count > 64 {
+        return Err(SimError::Invalid(format!("device_count is {}, expected 0 to 64", config.device_count)));
     }
     if config.soc_name.is_empty() || config.soc_name.contains('\0') {
         return Err(SimError::Invalid("soc_name must be a non-empty C string".into()));

@@ -35,3 +35,9 @@ pub use api::{Api, FUNCTION_NAMES, FunctionTable};
 pub use generated::*;
 pub use loader::{LibraryGroup, LoadError, LoaderConfig, is_available};
 pub use result::CallError;
+
+/// The header name of a status code (`207001` → `"ACL_ERROR_RT_MEMORY_ALLOCATION"`), from the
+/// table bindgen generates over every code the headers define; `None` for other values.
+pub fn status_name(code: i32) -> Option<&'static str> {
+    STATUS_NAMES.iter().find(|(value, _)| *value == code).map(|(_, name)| *name)
+}

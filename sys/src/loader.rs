@@ -6,10 +6,10 @@
 //! system loader path (`LD_LIBRARY_PATH`, `ldconfig`). Nothing here panics: every failure is a
 //! [`LoadError`] that names what was looked for and every path tried.
 
+use once_cell::sync::OnceCell;
 use std::ffi::c_void;
 use std::fmt;
 use std::path::PathBuf;
-use once_cell::sync::OnceCell;
 
 use libloading::Library;
 
@@ -69,16 +69,31 @@ impl fmt::Display for LibraryGroup {
     }
 }
 
+/// What to do about a library group that did not load. The runtime is opened first, so when
+/// another group is missing the runtime did load and CANN is only partly there.
+fn missing_hint(group: LibraryGroup) -> &'static str {
+    match group {
+        LibraryGroup::Runtime => {
+            "Install CANN and source its set_env.sh, or set ACLNN_LIB_DIR to the directory holding it"
+        }
+        LibraryGroup::Nnopbase => {
+            "The ACL runtime loaded, but libnnopbase.so (tensor descriptors and executors, part of the \
+             CANN toolkit's lib64) did not: point ACLNN_LIB_DIR or ASCEND_HOME_PATH at a complete CANN"
+        }
+        LibraryGroup::Operators => {
+            "The ACL runtime loaded, but no aclnn operator library did: install the operator package \
+             (CANN 8.5+: the ops/kernels package for this SoC) into the same CANN, or point \
+             ACLNN_LIB_DIR at the directory holding libopapi*.so"
+        }
+    }
+}
+
 /// Why a function could not be obtained.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
     /// No candidate file of a library group could be opened.
-    #[error(
-        "cannot load the CANN library {group}; tried:\n  {}\n\
-         Install CANN and source its set_env.sh, or set ACLNN_LIB_DIR to the directory holding it",
-        tried.join("\n  ")
-    )]
+    #[error("cannot load the CANN library {group}; tried:\n  {}\n{}", tried.join("\n  "), missing_hint(*group))]
     LibraryNotFound {
         /// The library group that was looked for.
         group: LibraryGroup,
@@ -200,11 +215,7 @@ impl Loader {
 
     /// Paths of the libraries opened so far.
     pub(crate) fn opened_paths(&self) -> Vec<String> {
-        self.groups
-            .iter()
-            .filter_map(|g| g.get())
-            .flat_map(|libs| libs.iter().map(|l| l.path.clone()))
-            .collect()
+        self.groups.iter().filter_map(|g| g.get()).flat_map(|libs| libs.iter().map(|l| l.path.clone())).collect()
     }
 
     /// Address of `symbol` in the first library of its group that exports it.
@@ -327,6 +338,16 @@ mod tests {
         assert!(tried.iter().any(|t| t.starts_with(&dir.join("libascendcl.so").display().to_string())));
         assert!(tried.iter().any(|t| t.starts_with("libacl_rt.so")));
         assert!(err.to_string().contains("ACLNN_LIB_DIR"));
+    }
+
+    #[test]
+    fn a_missing_part_of_cann_is_named_as_such() {
+        let missing = |group| LoadError::LibraryNotFound { group, tried: vec!["x: no such file".into()] }.to_string();
+        assert!(missing(LibraryGroup::Runtime).contains("Install CANN"));
+        let ops = missing(LibraryGroup::Operators);
+        assert!(ops.contains("The ACL runtime loaded") && ops.contains("operator package"), "{ops}");
+        assert!(!ops.contains("Install CANN"));
+        assert!(missing(LibraryGroup::Nnopbase).contains("libnnopbase.so"));
     }
 
     #[test]

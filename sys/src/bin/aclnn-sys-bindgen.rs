@@ -182,6 +182,7 @@ fn to_table_source(raw: &str) -> Result<String, String> {
     let mut pfn_items = Vec::new();
     let mut names = Vec::new();
     let mut signatures: Vec<(String, String)> = Vec::new();
+    let mut statuses: Vec<(String, i64)> = Vec::new();
     for item in file.items {
         match item {
             syn::Item::ForeignMod(block) => {
@@ -210,7 +211,12 @@ fn to_table_source(raw: &str) -> Result<String, String> {
                     names.push(name);
                 }
             }
-            other => items.push(other),
+            other => {
+                if let Some(status) = status_code(&other) {
+                    statuses.push(status);
+                }
+                items.push(other)
+            }
         }
     }
     let mut order: Vec<String> = names.iter().map(|n| n.to_string()).collect();
@@ -246,7 +252,35 @@ fn to_table_source(raw: &str) -> Result<String, String> {
         out.push_str(&format!("            {sig}\n"));
     }
     out.push_str("        }\n    };\n}\npub(crate) use for_each_signature;\n");
+    out.push_str("\n/// Every status code the headers define, with its name, in header order. Where two names\n");
+    out.push_str("/// share a value, the first one is the one [`status_name`] reports.\n");
+    out.push_str("pub const STATUS_NAMES: &[(i32, &str)] = &[\n");
+    for (name, value) in &statuses {
+        out.push_str(&format!("    ({value}, \"{name}\"),\n"));
+    }
+    out.push_str("];\n");
     Ok(out)
+}
+
+/// `(name, value)` of a status-code constant (`ACL_SUCCESS`, `ACL_ERROR_*`, `ACLNN_SUCCESS`,
+/// `ACLNN_ERR_*`).
+fn status_code(item: &syn::Item) -> Option<(String, i64)> {
+    let syn::Item::Const(c) = item else { return None };
+    let name = c.ident.to_string();
+    let is_status = name == "ACL_SUCCESS"
+        || name == "ACLNN_SUCCESS"
+        || name.starts_with("ACL_ERROR_")
+        || name.starts_with("ACLNN_ERR_");
+    if !is_status {
+        return None;
+    }
+    let (negative, expr) = match &*c.expr {
+        syn::Expr::Unary(u) if matches!(u.op, syn::UnOp::Neg(_)) => (true, &*u.expr),
+        e => (false, e),
+    };
+    let syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Int(int), .. }) = expr else { return None };
+    let value: i64 = int.base10_parse().ok()?;
+    Some((name, if negative { -value } else { value }))
 }
 
 /// Runtime functions: the part of the table declared by `acl/acl.h`.
