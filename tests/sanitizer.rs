@@ -1,7 +1,8 @@
 //! The simulator as a stream sanitizer, tested at the C level: each stream hazard, written
 //! directly against the function table, must be reported as a violation, and the same sequence
 //! ordered correctly (an event wait, or a synchronize) must not be. Also the event API itself:
-//! record, stream wait, query, synchronize, elapsed time, destroy.
+//! record, stream wait, query, synchronize, elapsed time, destroy. These read the in-process
+//! simulator's records, so they run only on the `sim` backend.
 
 #![cfg(feature = "sim")]
 
@@ -147,6 +148,9 @@ fn assert_flagged(violations: &[String], needles: &[&str]) {
 
 #[test]
 fn freeing_pinned_memory_under_a_queued_copy_is_flagged_and_the_copy_is_not_performed() {
+    if !common::on_sim() {
+        return; // reads the in-process simulator's reports
+    }
     let v = violations_of(|raw| {
         let s = raw.stream();
         let dev = raw.malloc(4096);
@@ -164,6 +168,9 @@ fn freeing_pinned_memory_under_a_queued_copy_is_flagged_and_the_copy_is_not_perf
 
 #[test]
 fn freeing_pinned_memory_after_its_stream_is_synchronized_is_clean() {
+    if !common::on_sim() {
+        return; // reads the in-process simulator's reports
+    }
     let v = violations_of(|raw| {
         let s = raw.stream();
         let dev = raw.malloc(4096);
@@ -186,6 +193,9 @@ fn freeing_pinned_memory_after_its_stream_is_synchronized_is_clean() {
 
 #[test]
 fn a_pinned_buffer_read_by_two_streams_must_wait_for_both() {
+    if !common::on_sim() {
+        return; // reads the in-process simulator's reports
+    }
     let v = violations_of(|raw| {
         let (a, b) = (raw.stream(), raw.stream());
         let (da, db) = (raw.malloc(256), raw.malloc(256));
@@ -207,6 +217,9 @@ fn a_pinned_buffer_read_by_two_streams_must_wait_for_both() {
 
 #[test]
 fn a_pinned_buffer_read_by_two_streams_and_both_waited_for_is_clean() {
+    if !common::on_sim() {
+        return; // reads the in-process simulator's reports
+    }
     let v = violations_of(|raw| {
         let (a, b) = (raw.stream(), raw.stream());
         let (da, db) = (raw.malloc(256), raw.malloc(256));
@@ -236,6 +249,9 @@ fn a_pinned_buffer_read_by_two_streams_and_both_waited_for_is_clean() {
 
 #[test]
 fn a_read_on_another_stream_without_an_event_wait_is_flagged() {
+    if !common::on_sim() {
+        return; // reads the in-process simulator's reports
+    }
     let v = violations_of(|raw| {
         let (a, b) = (raw.stream(), raw.stream());
         let (x, y) = (raw.malloc(512), raw.malloc(512));
@@ -255,6 +271,9 @@ fn a_read_on_another_stream_without_an_event_wait_is_flagged() {
 
 #[test]
 fn freeing_memory_a_foreign_stream_still_uses_is_flagged() {
+    if !common::on_sim() {
+        return; // reads the in-process simulator's reports
+    }
     let v = violations_of(|raw| {
         let (a, b) = (raw.stream(), raw.stream());
         let (x, y) = (raw.malloc(512), raw.malloc(512));
@@ -272,6 +291,9 @@ fn freeing_memory_a_foreign_stream_still_uses_is_flagged() {
 
 #[test]
 fn an_event_wait_orders_a_foreign_stream_and_the_data_arrives() {
+    if !common::on_sim() {
+        return; // reads the in-process simulator's reports
+    }
     let v = violations_of(|raw| {
         let (a, b) = (raw.stream(), raw.stream());
         let (x, y) = (raw.malloc(512), raw.malloc(512));
@@ -302,6 +324,9 @@ fn an_event_wait_orders_a_foreign_stream_and_the_data_arrives() {
 
 #[test]
 fn two_streams_writing_one_scratch_buffer_unordered_are_flagged() {
+    if !common::on_sim() {
+        return; // reads the in-process simulator's reports
+    }
     let v = violations_of(|raw| {
         let (a, b) = (raw.stream(), raw.stream());
         let (x, scratch) = (raw.malloc(256), raw.malloc(256));
@@ -321,6 +346,9 @@ fn two_streams_writing_one_scratch_buffer_unordered_are_flagged() {
 
 #[test]
 fn a_kernel_on_a_foreign_stream_is_tracked_like_a_copy() {
+    if !common::on_sim() {
+        return; // reads the in-process simulator's reports
+    }
     // aclnnWeightQuantBatchMatmulV2 on stream b reads a weight that stream a is still writing.
     let h = common::harness();
     let device = h.runtime.device(0).unwrap();
@@ -386,6 +414,9 @@ fn a_kernel_on_a_foreign_stream_is_tracked_like_a_copy() {
 
 #[test]
 fn destroying_an_event_under_a_pending_stream_wait_is_flagged() {
+    if !common::on_sim() {
+        return; // reads the in-process simulator's reports
+    }
     let v = violations_of(|raw| {
         let (a, b) = (raw.stream(), raw.stream());
         let x = raw.malloc(64);
@@ -406,6 +437,9 @@ fn destroying_an_event_under_a_pending_stream_wait_is_flagged() {
 
 #[test]
 fn events_complete_when_the_work_before_their_record_has_run() {
+    if !common::on_sim() {
+        return; // reads the in-process simulator's reports
+    }
     let h = common::harness();
     let device = h.runtime.device(0).unwrap();
     device.bind().unwrap();

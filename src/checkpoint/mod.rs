@@ -243,7 +243,7 @@ impl Checkpoint {
         converted
     }
 
-    /// Writes the converted checkpoint as safetensors to `out` (see [`output`]): per linear `P`,
+    /// Writes the converted checkpoint as safetensors to `out`: per linear `P`,
     /// `P.weight`, `P.antiquant_scale`, `P.antiquant_offset` (with zero points), `P.act_perm`
     /// (act-order) and `P.bias`; every other tensor unchanged. With `stack_experts`, the
     /// linears of an MoE block (`….experts.{e}.…`) are written stacked as `(E, …)` tensors.

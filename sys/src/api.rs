@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use once_cell::sync::OnceCell;
 
-use crate::generated::{for_each_function, pfn};
+use crate::generated::pfn;
 use crate::loader::{LoadError, Loader, LoaderConfig};
 
 macro_rules! define_api {

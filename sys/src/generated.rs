@@ -547,9 +547,11 @@ macro_rules! for_each_function {
         }
     };
 }
-pub(crate) use for_each_function;
 
-/// Calls `$m!` with the C signature of every bound function, in table order.
+/// Calls `$m!` with the C signature of every bound function, in table order (types named
+/// as in this crate's root; used by the result layer and by the simulator's C libraries).
+#[doc(hidden)]
+#[macro_export]
 macro_rules! for_each_signature {
     ($m:ident) => {
         $m! {
@@ -611,10 +613,9 @@ macro_rules! for_each_signature {
         }
     };
 }
-pub(crate) use for_each_signature;
 
 /// Every status code the headers define, with its name, in header order. Where two names
-/// share a value, the first one is the one [`status_name`] reports.
+/// share a value, the first one is the one [`crate::status_name`] reports.
 pub const STATUS_NAMES: &[(i32, &str)] = &[
     (107000, "ACL_ERROR_RT_PARAM_INVALID"),
     (107001, "ACL_ERROR_RT_INVALID_DEVICEID"),

@@ -15,10 +15,6 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod api;
-mod loader;
-pub mod result;
-
 /// Generated declarations (bindgen output over `sys/wrapper.h`).
 #[allow(
     non_camel_case_types,
@@ -29,7 +25,12 @@ pub mod result;
     clippy::all
 )]
 #[rustfmt::skip]
+#[macro_use]
 pub mod generated;
+
+mod api;
+mod loader;
+pub mod result;
 
 pub use api::{Api, FUNCTION_NAMES, FunctionTable};
 pub use generated::*;

@@ -86,7 +86,7 @@ macro_rules! define_result {
     };
 }
 
-crate::generated::for_each_signature!(define_result);
+for_each_signature!(define_result);
 
 #[cfg(test)]
 mod tests {

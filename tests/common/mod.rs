@@ -99,7 +99,8 @@ fn sim_backend(_soc: &str) -> Backend {
 
 impl Harness {
     /// Asserts that the simulated machine holds no device memory, streams, contexts, tensors or
-    /// pinned buffers and recorded no leak or misuse. No-op on real hardware.
+    /// pinned buffers and recorded no leak or misuse (in process, or through the simulator's C
+    /// libraries). No-op on real hardware.
     pub fn assert_clean(&self) {
         #[cfg(feature = "sim")]
         if on_sim() {
@@ -114,5 +115,21 @@ impl Harness {
             assert!(stats.leaks.is_empty(), "leak reports: {:?}", stats.leaks);
             assert!(stats.violations.is_empty(), "violations: {:?}", stats.violations);
         }
+        if !on_sim() {
+            self.assert_clean_through_the_c_library();
+        }
+    }
+
+    /// On the `cann` backend loaded from the simulator's C libraries (`aclnn-simlib`), the same
+    /// check through their `aclnnSimCheck`; nothing to check on a real CANN, which lacks it.
+    fn assert_clean_through_the_c_library(&self) {
+        type Check = unsafe extern "C" fn(*mut std::ffi::c_char, usize) -> i32;
+        // SAFETY: `aclnnSimCheck` has this signature wherever it is exported (aclnn-simlib).
+        let Ok(check) = (unsafe { self.runtime.api().symbol::<Check>("aclnnSimCheck") }) else { return };
+        let mut text = vec![0u8; 4096];
+        // SAFETY: `text` is writable for its length.
+        let problems = unsafe { check(text.as_mut_ptr().cast(), text.len()) };
+        let text = CStr::from_bytes_until_nul(&text).map(|t| t.to_string_lossy().into_owned()).unwrap_or_default();
+        assert_eq!(problems, 0, "the simulator's C library reports: {text}");
     }
 }

@@ -244,16 +244,18 @@ fn to_table_source(raw: &str) -> Result<String, String> {
     for name in &order {
         out.push_str(&format!("            {name},\n"));
     }
-    out.push_str("        }\n    };\n}\npub(crate) use for_each_function;\n");
-    out.push_str("\n/// Calls `$m!` with the C signature of every bound function, in table order.\n");
+    out.push_str("        }\n    };\n}\n");
+    out.push_str("\n/// Calls `$m!` with the C signature of every bound function, in table order (types named\n");
+    out.push_str("/// as in this crate's root; used by the result layer and by the simulator's C libraries).\n");
+    out.push_str("#[doc(hidden)]\n#[macro_export]\n");
     out.push_str("macro_rules! for_each_signature {\n    ($m:ident) => {\n        $m! {\n");
     for name in &order {
         let (_, sig) = signatures.iter().find(|(n, _)| n == name).ok_or("signature lost")?;
         out.push_str(&format!("            {sig}\n"));
     }
-    out.push_str("        }\n    };\n}\npub(crate) use for_each_signature;\n");
+    out.push_str("        }\n    };\n}\n");
     out.push_str("\n/// Every status code the headers define, with its name, in header order. Where two names\n");
-    out.push_str("/// share a value, the first one is the one [`status_name`] reports.\n");
+    out.push_str("/// share a value, the first one is the one [`crate::status_name`] reports.\n");
     out.push_str("pub const STATUS_NAMES: &[(i32, &str)] = &[\n");
     for (name, value) in &statuses {
         out.push_str(&format!("    ({value}, \"{name}\"),\n"));
