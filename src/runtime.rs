@@ -110,7 +110,9 @@ pub struct Leaked {
     pub events: u64,
     /// Descriptors (tensors, tensor lists, scalars, arrays) whose destroy call failed.
     pub descriptors: u64,
-    /// Unlaunched executors whose `aclDestroyAclOpExecutor` failed.
+    /// Executors possibly leaked: unlaunched ones whose `aclDestroyAclOpExecutor` failed, and
+    /// ones whose phase 2 failed (CANN does not document whether it released them; they are
+    /// never destroyed twice).
     pub executors: u64,
     /// Devices left set (context not destroyed, `aclrtResetDevice` not called) because
     /// something on them was leaked: resetting would free it under possibly pending work.

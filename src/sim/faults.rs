@@ -7,6 +7,8 @@ struct Fault {
     /// Calls still to let through before failing.
     skip: u64,
     code: i32,
+    /// Keeps failing every call once it has fired.
+    persistent: bool,
 }
 
 static FAULTS: Mutex<Option<HashMap<String, Vec<Fault>>>> = Mutex::new(None);
@@ -27,12 +29,24 @@ pub fn reset_call_counts() {
 /// Returns `false` (and arms nothing) if `api` is not a simulated function (of the fixed table or
 /// of the operator registry) or `nth` is 0.
 pub fn inject_fault(api: &str, nth: u64, code: i32) -> bool {
+    arm(api, nth, code, false)
+}
+
+/// Makes every call of `api` from call number `nth` on (1 = the next call) return `code`
+/// without doing anything, until [`clear_faults`]: a device that stays broken. Returns `false`
+/// as [`inject_fault`] does.
+pub fn inject_persistent_fault(api: &str, nth: u64, code: i32) -> bool {
+    arm(api, nth, code, true)
+}
+
+fn arm(api: &str, nth: u64, code: i32, persistent: bool) -> bool {
     let known = aclnn_sys::FUNCTION_NAMES.contains(&api) || super::registry::lookup(api).is_some();
     if !known || nth == 0 {
         return false;
     }
     let mut guard = FAULTS.lock().unwrap_or_else(|e| e.into_inner());
-    guard.get_or_insert_with(HashMap::new).entry(api.to_string()).or_default().push(Fault { skip: nth - 1, code });
+    let fault = Fault { skip: nth - 1, code, persistent };
+    guard.get_or_insert_with(HashMap::new).entry(api.to_string()).or_default().push(fault);
     true
 }
 
@@ -51,7 +65,7 @@ pub(crate) fn check(api: &'static str) -> Option<i32> {
         if f.skip == 0 {
             if fired.is_none() {
                 fired = Some(f.code);
-                return false;
+                return f.persistent;
             }
             true
         } else {

@@ -874,6 +874,65 @@ pub fn take_reports() -> (Vec<LeakReport>, Vec<String>) {
     with(|m| (std::mem::take(&mut m.leaks), std::mem::take(&mut m.violations)))
 }
 
+/// Everything [`discard_all`] found alive or already reported leaked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Discarded {
+    /// Device allocations (reported earlier or reclaimed now).
+    pub allocations: usize,
+    /// User streams.
+    pub streams: usize,
+    /// User contexts.
+    pub contexts: usize,
+    /// Events.
+    pub events: usize,
+    /// Tensor descriptors.
+    pub tensors: usize,
+    /// Scalars, int/float/bool arrays and tensor lists.
+    pub descriptors: usize,
+    /// Pinned host buffers.
+    pub host_buffers: usize,
+    /// Executors never launched nor destroyed.
+    pub executors: usize,
+    /// Devices still set (`aclrtSetDevice` without its reset).
+    pub devices: usize,
+}
+
+/// Discards every object still alive, as the end of the process would, and returns what it
+/// found, together with every leak report not yet taken; the machine is idle afterwards.
+/// Misuse records stay for [`take_reports`]. For harnesses whose runs leak on purpose (the
+/// fail-closed policy) and must start the next run from a clean machine.
+pub fn discard_all() -> Discarded {
+    with(|m| {
+        let mut out = Discarded {
+            devices: m.devices.iter().filter(|d| d.set_count > 0).count(),
+            tensors: m.tensors.len(),
+            descriptors: m.args.len(),
+            host_buffers: m.host_buffers.len(),
+            executors: m.executors.len(),
+            ..Discarded::default()
+        };
+        for d in 0..m.devices.len() as u32 {
+            m.reset_device(d, format!("discard_all (device {d})"));
+        }
+        for report in std::mem::take(&mut m.leaks) {
+            out.allocations += report.allocations.len();
+            out.streams += report.streams;
+            out.contexts += report.contexts;
+            out.events += report.events;
+        }
+        m.tensors.clear();
+        m.args.clear();
+        m.executors.clear();
+        for (ptr, buf) in std::mem::take(&mut m.host_buffers) {
+            m.history.remove(&ptr);
+            // SAFETY: `ptr` was allocated by `aclrtMallocHost` with exactly `buf.layout` and is
+            // owned by the machine; discarding it is the end of its life.
+            unsafe { std::alloc::dealloc(ptr as usize as *mut u8, buf.layout) };
+        }
+        out
+    })
+}
+
 /// Zeroes the copy and synchronisation counters.
 pub fn reset_counters() {
     with(|m| {

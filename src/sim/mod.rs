@@ -26,8 +26,10 @@ mod wqbmm;
 
 use aclnn_sys::FunctionTable;
 
-pub use faults::{call_counts, clear_faults, inject_fault, reset_call_counts};
-pub use machine::{CopyCounters, LeakReport, SimStats, SyncCounters, reset_counters, stats, take_reports};
+pub use faults::{call_counts, clear_faults, inject_fault, inject_persistent_fault, reset_call_counts};
+pub use machine::{
+    CopyCounters, Discarded, LeakReport, SimStats, SyncCounters, discard_all, reset_counters, stats, take_reports,
+};
 
 /// SoC name of an Atlas A2 part (Ascend 910B, NZ C0 = 32 bytes).
 pub const SOC_A2: &str = "Ascend910B3";
