@@ -27,6 +27,21 @@ fn install(names: &[&str]) -> tempfile::TempDir {
 
 const FULL: &[&str] = &["libascendcl.so", "libnnopbase.so", "libopapi.so"];
 
+/// Adds `name` to `dir` as a valid shared library that exports nothing (compiled from an empty
+/// C file): a runtime library that lacks every symbol.
+fn add_empty_library(dir: &Path, name: &str) {
+    let source = dir.join("empty.c");
+    std::fs::write(&source, "int aclnn_simlib_test_empty;\n").unwrap();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let out = Command::new(&cc)
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(dir.join(name))
+        .arg(&source)
+        .output()
+        .expect("run the C compiler");
+    assert!(out.status.success(), "{cc}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 fn probe(dir: &Path, case: &str, env: &[(&str, &str)]) -> (bool, String) {
     let out: Output = Command::new(env!("CARGO_BIN_EXE_aclnn-sim-probe"))
         .arg(case)
@@ -54,6 +69,35 @@ fn a_split_runtime_is_found_in_libacl_rt() {
     let dir = install(&["libacl_rt.so", "libnnopbase.so", "libopapi_nn.so"]);
     let (ok, text) = probe(dir.path(), "official", &[]);
     assert!(ok, "{text}");
+}
+
+#[test]
+fn runtime_symbols_missing_from_libascendcl_are_found_in_libacl_rt() {
+    // Both runtime libraries present, the first one lacking the symbols: every runtime symbol
+    // must be looked up in both, in CANN's order.
+    let dir = install(&["libacl_rt.so", "libnnopbase.so", "libopapi.so"]);
+    add_empty_library(dir.path(), "libascendcl.so");
+    let (ok, text) = probe(dir.path(), "official", &[]);
+    assert!(ok && text.contains("are 72.0"), "{text}");
+}
+
+#[test]
+fn a_symbol_no_runtime_library_exports_names_every_library_searched() {
+    let dir = install(&["libnnopbase.so", "libopapi.so"]);
+    add_empty_library(dir.path(), "libascendcl.so");
+    let (ok, text) = probe(dir.path(), "device", &[]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("symbol `aclInit` is not exported by any of"), "{text}");
+    assert!(text.contains(&dir.path().join("libascendcl.so").display().to_string()), "{text}");
+}
+
+#[test]
+fn a_null_pointer_reported_with_success_is_refused_at_its_call() {
+    // `api@n=0`: the call returns success without doing anything, leaving the out-pointer NULL.
+    let dir = install(FULL);
+    let (ok, text) = probe(dir.path(), "official", &[("ACLNN_SIM_FAULTS", "aclrtMalloc@2=0")]);
+    assert!(!ok && text.contains("aclrtMalloc returned null"), "{text}");
+    assert!(!text.contains("aclrtMemcpy"), "blamed on a later call: {text}");
 }
 
 #[test]
