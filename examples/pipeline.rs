@@ -86,12 +86,14 @@ struct Run {
     device_ms: f32,
 }
 
-fn sim_sync_counters() -> Option<(u64, u64)> {
+fn sim_sync_counters(runtime: &Runtime) -> Option<(u64, u64)> {
     #[cfg(feature = "sim")]
-    if std::env::var("ACLNN_BACKEND").as_deref() != Ok("cann") {
+    if runtime.backend_name() == "sim" {
         let s = aclnn::sim::stats().sync;
         return Some((s.host_syncs, s.stream_waits));
     }
+    #[cfg(not(feature = "sim"))]
+    let _ = runtime;
     None
 }
 
@@ -100,7 +102,7 @@ fn run(runtime: &Runtime, problems: &[HostW4A16], serialized: bool) -> Result<Ru
     let (copy, compute) = (device.new_stream()?, device.new_stream()?);
     let mut ws = Workspace::new(&compute);
     let (start, end) = (Event::new(&device)?, Event::new(&device)?);
-    let before = sim_sync_counters();
+    let before = sim_sync_counters(runtime);
     start.record(&copy)?;
     let mut layers = Vec::new();
     let mut outputs = Vec::new();
@@ -118,7 +120,7 @@ fn run(runtime: &Runtime, problems: &[HostW4A16], serialized: bool) -> Result<Ru
         outputs.push(y);
     }
     end.record(&compute)?;
-    let after = sim_sync_counters();
+    let after = sim_sync_counters(runtime);
     end.synchronize()?;
     let device_ms = start.elapsed_ms(&end)?;
     for (p, y) in problems.iter().zip(&outputs) {
