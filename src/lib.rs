@@ -42,6 +42,7 @@ pub mod ops;
 mod ordering;
 mod plan;
 mod runtime;
+pub mod selftest;
 pub mod soc;
 mod stream;
 mod tensor;

@@ -1,5 +1,6 @@
-//! Fault sweep over every flow the crate has, beyond the INT4Pack flows of `reliability.rs`:
-//! the W4A16 sequence of ops-nn's example (pack, NZ re-init, Cast through the kit, the matmul),
+//! Fault sweep over every flow the crate has (`reliability.rs` sweeps the INT4Pack flows one-shot
+//! with a per-call oracle; here they run again with persistent faults): INT4Pack on the operator
+//! and the host path, the W4A16 sequence of ops-nn's example (pack, NZ re-init, Cast through the kit, the matmul),
 //! pinned asynchronous copies ordered across two streams by events, a plan dropped unlaunched,
 //! and objects dropped with work still queued. Every call of every C function a flow makes is
 //! failed once (one-shot) and from that call on (persistent: a device that stays broken).
@@ -16,13 +17,14 @@ mod common;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
-use aclnn::ops::cast::cast;
-use aclnn::ops::int4pack::convert_weight_to_int4_pack_plan;
-use aclnn::ops::wqbmm::WeightQuantMatmul;
+use aclnn::ops::int4pack::{
+    PackOptions, convert_weight_to_int4_pack, convert_weight_to_int4_pack_plan, pack_int4_on_host,
+};
 use aclnn::sim::{self, Discarded};
 use aclnn::sys;
 use aclnn::{
-    Backend, DType, DeviceBuffer, Error, Leaked, PinnedHostBuffer, Runtime, Stream, Tensor, TensorDesc, Workspace,
+    Backend, DType, DeviceBuffer, Error, Format, Leaked, PinnedHostBuffer, Runtime, Stream, Tensor, TensorDesc,
+    Workspace,
 };
 
 type Flow = fn(&Runtime) -> aclnn::Result<Vec<u8>>;
@@ -63,37 +65,27 @@ fn kit_descriptors_and_moe(runtime: &Runtime) -> aclnn::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// ops-nn's INT4Pack example: every output 72.0, returned as bytes.
+/// ops-nn's INT4Pack example (`aclnn::selftest`): every output 72.0, returned as bytes.
 fn official_w4a16(runtime: &Runtime) -> aclnn::Result<Vec<u8>> {
+    let y = aclnn::selftest::official_int4pack_w4a16(runtime, 4)?;
+    Ok(y.iter().flat_map(|v| v.to_le_bytes()).collect())
+}
+
+/// INT4Pack through the operator, NZ: upload, pack, copy back.
+fn int4pack_operator_nz(runtime: &Runtime) -> aclnn::Result<Vec<u8>> {
     let stream = runtime.device(0)?.new_stream()?;
-    let (m, k, n) = (4i64, 72i64, 17i64);
-    let x32 = DeviceBuffer::from_host(&stream, &vec![1.0f32; (m * k) as usize])?;
-    let w32 = DeviceBuffer::from_host(&stream, &vec![1i32; (n * k) as usize])?;
-    let s32 = DeviceBuffer::from_host(&stream, &vec![1.0f32; n as usize])?;
-    let storage = [2, 2, 16, 64];
-    let mut packed = DeviceBuffer::<u8>::zeroed(&stream, 2048)?;
-    let mut x16 = DeviceBuffer::<u16>::alloc(&stream, (m * k) as usize)?;
-    let mut s16 = DeviceBuffer::<u16>::alloc(&stream, n as usize)?;
-    let mut y16 = DeviceBuffer::<u16>::alloc(&stream, (m * n) as usize)?;
-    let mut y32 = DeviceBuffer::<f32>::alloc(&stream, (m * n) as usize)?;
-    let mut ws = Workspace::new(&stream);
-    {
-        let weight = Tensor::new(&w32, TensorDesc::nd(DType::Int32, &[n, k]))?;
-        let mut pack = Tensor::new_mut(&mut packed, TensorDesc::nz(DType::Int4, &[n, k], &storage))?;
-        convert_weight_to_int4_pack_plan(&weight, &mut pack)?.launch(&stream, &mut ws)?;
-        pack.reinit(TensorDesc::nz(DType::Int4, &[k, n], &storage).with_strides(&[1, k]))?;
-        let x = Tensor::new(&x32, TensorDesc::nd(DType::Float, &[m, k]))?;
-        let mut x_half = Tensor::new_mut(&mut x16, TensorDesc::nd(DType::Float16, &[m, k]))?;
-        cast(&x, &mut x_half, &stream, &mut ws)?;
-        let s = Tensor::new(&s32, TensorDesc::nd(DType::Float, &[n]))?;
-        let mut s_half = Tensor::new_mut(&mut s16, TensorDesc::nd(DType::Float16, &[n]))?;
-        cast(&s, &mut s_half, &stream, &mut ws)?;
-        let mut y_half = Tensor::new_mut(&mut y16, TensorDesc::nd(DType::Float16, &[m, n]))?;
-        WeightQuantMatmul::new(&x_half, &pack, &s_half).run(&mut y_half, &stream, &mut ws)?;
-        let mut y = Tensor::new_mut(&mut y32, TensorDesc::nd(DType::Float, &[m, n]))?;
-        cast(&y_half, &mut y, &stream, &mut ws)?;
-    }
-    Ok(y32.to_vec()?.iter().flat_map(|v| v.to_le_bytes()).collect())
+    let weights: Vec<i32> = (0..96 * 128).map(|i| (i * 7 % 16) - 8).collect();
+    let buffer = DeviceBuffer::from_host(&stream, &weights)?;
+    let weight = Tensor::new(&buffer, TensorDesc::nd(DType::Int32, &[96, 128]))?;
+    let options = PackOptions { format: Format::FractalNz, ..PackOptions::default() };
+    convert_weight_to_int4_pack(&weight, options)?.to_host_bytes()
+}
+
+/// INT4Pack on the host (range-checked), uploaded: the fast path.
+fn int4pack_host_nd(runtime: &Runtime) -> aclnn::Result<Vec<u8>> {
+    let stream = runtime.device(0)?.new_stream()?;
+    let weights: Vec<i32> = (0..96 * 128).map(|i| (i * 5 % 16) - 8).collect();
+    pack_int4_on_host(&stream, &weights, &[96, 128], PackOptions::default())?.to_host_bytes()
 }
 
 /// Pinned upload on a copy stream into a buffer homed on a compute stream, an event between
@@ -285,6 +277,20 @@ fn fault_sweep_pinned_copies_and_events() {
 }
 
 #[test]
+fn fault_sweep_int4pack_operator_nz() {
+    if common::on_sim() {
+        assert!(sweep("INT4Pack operator NZ", int4pack_operator_nz) > 60);
+    }
+}
+
+#[test]
+fn fault_sweep_int4pack_host_nd() {
+    if common::on_sim() {
+        assert!(sweep("INT4Pack host ND", int4pack_host_nd) > 30);
+    }
+}
+
+#[test]
 fn fault_sweep_kit_descriptors_and_moe() {
     if common::on_sim() {
         assert!(sweep("kit descriptors and MoE", kit_descriptors_and_moe) > 100);
@@ -315,6 +321,8 @@ fn the_sweeps_reach_most_bound_functions() {
     let runtime = Runtime::new(Backend::sim(sim::SimConfig::default()).unwrap()).unwrap();
     sim::reset_call_counts();
     for flow in [
+        int4pack_operator_nz,
+        int4pack_host_nd,
         official_w4a16,
         pinned_copies_and_events,
         plan_dropped_unlaunched,

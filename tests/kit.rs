@@ -8,8 +8,7 @@ mod common;
 use std::sync::Arc;
 
 use aclnn::ops::cast::cast;
-use aclnn::ops::int4pack::{PackOptions, convert_weight_to_int4_pack_plan};
-use aclnn::ops::wqbmm::WeightQuantMatmul;
+use aclnn::ops::int4pack::PackOptions;
 use aclnn::{DType, DeviceBuffer, Error, Format, IntArray, Scalar, Stream, Tensor, TensorDesc, Workspace};
 
 // ---------------------------------------------------------------------------------------------
@@ -167,42 +166,10 @@ fn cast_converts_the_w4a16_dtype_pairs() -> aclnn::Result<()> {
 #[test]
 fn the_official_int4pack_example_sequence_gives_72_everywhere() -> aclnn::Result<()> {
     let h = common::harness();
-    {
-        let (m, k, n) = (16i64, 72i64, 17i64);
-        let device = h.runtime.device(0)?;
-        let stream = device.new_stream()?;
-        let x32 = DeviceBuffer::from_host(&stream, &vec![1.0f32; (m * k) as usize])?;
-        let w32 = DeviceBuffer::from_host(&stream, &vec![1i32; (n * k) as usize])?;
-        let s32 = DeviceBuffer::from_host(&stream, &vec![1.0f32; n as usize])?;
-        let storage = [2, 2, 16, 64]; // (ceil(k/64), ceil(n/16), 16, 64) int4
-        let mut packed = DeviceBuffer::<u8>::zeroed(&stream, 2048)?;
-        let mut x16 = DeviceBuffer::<u16>::alloc(&stream, (m * k) as usize)?;
-        let mut s16 = DeviceBuffer::<u16>::alloc(&stream, n as usize)?;
-        let mut y16 = DeviceBuffer::<u16>::alloc(&stream, (m * n) as usize)?;
-        let mut y32 = DeviceBuffer::<f32>::alloc(&stream, (m * n) as usize)?;
-        let mut ws = Workspace::new(&stream);
-        {
-            let weight = Tensor::new(&w32, TensorDesc::nd(DType::Int32, &[n, k]))?;
-            let mut pack = Tensor::new_mut(&mut packed, TensorDesc::nz(DType::Int4, &[n, k], &storage))?;
-            convert_weight_to_int4_pack_plan(&weight, &mut pack)?.launch(&stream, &mut ws)?;
-            // aclInitTensor: the same NZ data as the transposed (k, n) view, strides (1, k).
-            pack.reinit(TensorDesc::nz(DType::Int4, &[k, n], &storage).with_strides(&[1, k]))?;
-            let x = Tensor::new(&x32, TensorDesc::nd(DType::Float, &[m, k]))?;
-            let mut x_half = Tensor::new_mut(&mut x16, TensorDesc::nd(DType::Float16, &[m, k]))?;
-            cast(&x, &mut x_half, &stream, &mut ws)?;
-            let s = Tensor::new(&s32, TensorDesc::nd(DType::Float, &[n]))?;
-            let mut s_half = Tensor::new_mut(&mut s16, TensorDesc::nd(DType::Float16, &[n]))?;
-            cast(&s, &mut s_half, &stream, &mut ws)?;
-            let mut y_half = Tensor::new_mut(&mut y16, TensorDesc::nd(DType::Float16, &[m, n]))?;
-            WeightQuantMatmul::new(&x_half, &pack, &s_half).run(&mut y_half, &stream, &mut ws)?;
-            let mut y = Tensor::new_mut(&mut y32, TensorDesc::nd(DType::Float, &[m, n]))?;
-            cast(&y_half, &mut y, &stream, &mut ws)?;
-        }
-        let y = y32.to_vec()?;
-        assert_eq!(y.len(), 272);
-        assert!(y.iter().all(|v| *v == 72.0), "{y:?}");
-        assert_eq!(PackOptions::default().format, Format::Nd);
-    }
+    let y = aclnn::selftest::official_int4pack_w4a16(&h.runtime, 16)?;
+    assert_eq!(y.len(), 272);
+    assert!(y.iter().all(|v| *v == 72.0), "{y:?}");
+    assert_eq!(PackOptions::default().format, Format::Nd);
     h.assert_clean();
     Ok(())
 }
