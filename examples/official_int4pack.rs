@@ -20,8 +20,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         println!("y row: {row:?}");
     }
     if let Some((i, v)) = y.iter().enumerate().find(|(_, v)| **v != EXPECTED) {
-        return Err(format!("y[{i}] = {v}, expected {EXPECTED}").into());
+        return Err(format!("y[{i}] = {v}, expected {EXPECTED:.1}").into());
     }
-    println!("all {} elements of y are {EXPECTED}, as the official example expects", y.len());
+    println!("all {} elements of y are {EXPECTED:.1}, as the official example expects", y.len());
     Ok(())
 }
