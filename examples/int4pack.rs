@@ -163,7 +163,7 @@ fn run_demo(session: &Session) -> Result<(), Failure> {
             let options = PackOptions { container, format };
             let op = int4pack::convert_weight_to_int4_pack(&weight, options)?;
             let host = int4pack::pack_int4_on_host(&session.stream, &weights, &shape, options)?;
-            let label = format!("{} {}", dtype_name(op.desc().dtype), format_name(format));
+            let label = format!("{} {}", op.desc().dtype, format);
             let op_bytes = report_packed("op", &op, &weights, &mut failed)?;
             let host_bytes = report_packed("host", &host, &weights, &mut failed)?;
             match first_difference(&op_bytes, &host_bytes) {
@@ -207,7 +207,7 @@ fn report_packed(
 ) -> Result<Vec<u8>, Failure> {
     let bytes = packed.to_host_bytes()?;
     let desc = packed.desc();
-    let label = format!("{} {}", dtype_name(desc.dtype), format_name(desc.format));
+    let label = format!("{} {}", desc.dtype, desc.format);
     let round_trip = packed.unpack_int4()? == weights;
     println!(
         "[{:<4}] {label}: view {:?}, storage {:?}, {} bytes, words {}: {}",
@@ -240,24 +240,4 @@ fn leading_words(bytes: &[u8]) -> String {
         .map(|w| format!("{:#010x}", u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// CANN's name of a packed dtype.
-fn dtype_name(dtype: DType) -> String {
-    match dtype {
-        DType::Int32 => "INT32".into(),
-        DType::Int4 => "INT4".into(),
-        DType::Float => "FLOAT".into(),
-        DType::Float4E2M1 => "FLOAT4_E2M1".into(),
-        other => format!("{other:?}"),
-    }
-}
-
-/// CANN's name of a format.
-fn format_name(format: Format) -> String {
-    match format {
-        Format::Nd => "ND".into(),
-        Format::FractalNz => "FRACTAL_NZ".into(),
-        other => format!("{other:?}"),
-    }
 }

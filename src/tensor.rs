@@ -99,6 +99,41 @@ pub enum Format {
     Other(i32),
 }
 
+/// CANN's name (`ACL_` prefix dropped): `INT4`, `FLOAT16`, `FLOAT4_E2M1`, ...
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            DType::Float => "FLOAT",
+            DType::Float16 => "FLOAT16",
+            DType::BFloat16 => "BF16",
+            DType::Int8 => "INT8",
+            DType::UInt8 => "UINT8",
+            DType::Int32 => "INT32",
+            DType::Int64 => "INT64",
+            DType::UInt64 => "UINT64",
+            DType::Int4 => "INT4",
+            DType::Float4E2M1 => "FLOAT4_E2M1",
+            DType::Float8E8M0 => "FLOAT8_E8M0",
+            DType::Other(raw) => return write!(f, "aclDataType({raw})"),
+        };
+        f.write_str(name)
+    }
+}
+
+/// CANN's name (`ACL_FORMAT_` prefix dropped): `ND`, `FRACTAL_NZ`, ...
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            Format::Nd => "ND",
+            Format::Nchw => "NCHW",
+            Format::Nhwc => "NHWC",
+            Format::FractalNz => "FRACTAL_NZ",
+            Format::Other(raw) => return write!(f, "aclFormat({raw})"),
+        };
+        f.write_str(name)
+    }
+}
+
 impl Format {
     /// The raw `aclFormat`.
     pub fn raw(self) -> sys::aclFormat {
@@ -542,5 +577,19 @@ impl Drop for Tensor<'_> {
 impl fmt::Debug for Tensor<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tensor").field("desc", &self.desc).field("writable", &self.writable).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtypes_and_formats_print_cann_names() {
+        assert_eq!(DType::Float4E2M1.to_string(), "FLOAT4_E2M1");
+        assert_eq!(DType::Int4.to_string(), "INT4");
+        assert_eq!(DType::Other(99).to_string(), "aclDataType(99)");
+        assert_eq!(Format::FractalNz.to_string(), "FRACTAL_NZ");
+        assert_eq!(Format::Other(50).to_string(), "aclFormat(50)");
     }
 }

@@ -220,8 +220,8 @@ fn pack_file(stream: &Arc<Stream>, soc: &str, args: &PackArgs, options: PackOpti
         "packed {} {shape:?} via {:?} on {soc}: {} {}, view {:?}, storage {:?}, {} bytes, words {}",
         args.input.display(),
         args.path,
-        dtype_name(desc.dtype),
-        format_name(desc.format),
+        desc.dtype,
+        desc.format,
         desc.view,
         desc.storage,
         bytes.len(),
@@ -381,26 +381,6 @@ fn leading_words(bytes: &[u8]) -> String {
         .map(|w| format!("{:#010x}", u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// CANN's name of a packed dtype.
-fn dtype_name(dtype: DType) -> String {
-    match dtype {
-        DType::Int32 => "INT32".into(),
-        DType::Int4 => "INT4".into(),
-        DType::Float => "FLOAT".into(),
-        DType::Float4E2M1 => "FLOAT4_E2M1".into(),
-        other => format!("{other:?}"),
-    }
-}
-
-/// CANN's name of a format.
-fn format_name(format: Format) -> String {
-    match format {
-        Format::Nd => "ND".into(),
-        Format::FractalNz => "FRACTAL_NZ".into(),
-        other => format!("{other:?}"),
-    }
 }
 
 fn encode_npy(array: &OutputArray) -> std::io::Result<Vec<u8>> {
