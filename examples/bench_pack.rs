@@ -242,6 +242,92 @@ fn read_floor_serial(src: &[i32]) -> u32 {
     src.iter().fold(0u32, |a, &x| a ^ x as u32)
 }
 
+/// XOR of `src` read as `S` interleaved streams of 16 lanes (several loads in flight per
+/// thread, no dependency chain between them).
+#[inline(always)]
+fn xor_streams<const S: usize>(src: &[i32]) -> u32 {
+    let part = src.len() / (16 * S) * 16;
+    let mut acc = [[0u32; 16]; S];
+    for i in (0..part).step_by(16) {
+        for (s, acc) in acc.iter_mut().enumerate() {
+            let block = &src[s * part + i..s * part + i + 16];
+            for l in 0..16 {
+                acc[l] ^= block[l] as u32;
+            }
+        }
+    }
+    let lanes = acc.iter().flatten().fold(0, |x, y| x ^ y);
+    src[S * part..].iter().fold(lanes, |x, &y| x ^ y as u32)
+}
+
+/// The best of 1, 2, 4 and 8 streams, compiled for one instruction set.
+macro_rules! widest {
+    ($name:ident, $feature:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        fn $name(src: &[i32], streams: usize) -> u32 {
+            match streams {
+                1 => xor_streams::<1>(src),
+                2 => xor_streams::<2>(src),
+                4 => xor_streams::<4>(src),
+                _ => xor_streams::<8>(src),
+            }
+        }
+    };
+}
+widest!(xor_avx512, "avx512f");
+widest!(xor_avx2, "avx2");
+
+/// Reads with the widest SIMD this CPU has and `streams` streams per thread.
+fn wide_read(src: &[i32], streams: usize) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present (checked just above).
+            return unsafe { xor_avx512(src, streams) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present (checked just above).
+            return unsafe { xor_avx2(src, streams) };
+        }
+    }
+    match streams {
+        1 => xor_streams::<1>(src),
+        2 => xor_streams::<2>(src),
+        4 => xor_streams::<4>(src),
+        _ => xor_streams::<8>(src),
+    }
+}
+
+/// Name of the widest SIMD [`wide_read`] uses here.
+fn widest_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "AVX-512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return "AVX2";
+        }
+    }
+    "baseline SIMD"
+}
+
+/// The widest read on `threads` plain OS threads, each over one contiguous part.
+fn read_floor_os_threads(src: &[i32], threads: usize, streams: usize) -> u32 {
+    let part = src.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = src.chunks(part).map(|p| s.spawn(move || wide_read(p, streams))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(0)).fold(0, |a, b| a ^ b)
+    })
+}
+
+/// The widest read over rayon, one large part per worker.
+fn read_floor_rayon_wide(src: &[i32], streams: usize) -> u32 {
+    let part = src.len().div_ceil(rayon::current_num_threads()).max(1 << 12);
+    src.par_chunks(part).map(|p| wide_read(p, streams)).reduce(|| 0, |a, b| a ^ b)
+}
+
 struct Row {
     name: String,
     threads: &'static str,
@@ -287,12 +373,39 @@ fn bench_size(k: usize, n: usize, runs: usize, flusher: &mut Flusher, one: &rayo
     let mut timer = |pool: Option<&rayon::ThreadPool>, f: &mut (dyn FnMut() + Send)| {
         if small { measure_hot(runs, pool, f) } else { measure(runs, flusher, pool, f) }
     };
-    let floor_all = timer(None, &mut || {
+    // The floor is the fastest read-only pass this CPU can do: the best of several ways of
+    // reading (rayon or OS threads, scalar fold or the widest SIMD with four streams per thread).
+    let threads = rayon::current_num_threads();
+    let isa = widest_isa();
+    let mut candidates_all: Vec<(String, Duration)> = Vec::new();
+    let mut candidates_one: Vec<(String, Duration)> = Vec::new();
+    let t = timer(None, &mut || {
         black_box(read_floor_par(black_box(&ints)));
     });
-    let floor_one = timer(Some(one), &mut || {
+    candidates_all.push(("rayon, scalar fold".into(), t));
+    let t = timer(Some(one), &mut || {
         black_box(read_floor_serial(black_box(&ints)));
     });
+    candidates_one.push(("scalar fold".into(), t));
+    for streams in [1, 2, 4, 8] {
+        let t = timer(None, &mut || {
+            black_box(read_floor_rayon_wide(black_box(&ints), streams));
+        });
+        candidates_all.push((format!("rayon, {streams} stream(s)"), t));
+        let t = timer(None, &mut || {
+            black_box(read_floor_os_threads(black_box(&ints), threads, streams));
+        });
+        candidates_all.push((format!("OS threads, {streams} stream(s)"), t));
+        let t = timer(Some(one), &mut || {
+            black_box(wide_read(black_box(&ints), streams));
+        });
+        candidates_one.push((format!("{streams} stream(s)"), t));
+    }
+    let (how_one, floor_one) = candidates_one.into_iter().min_by_key(|(_, t)| *t).expect("candidates");
+    // Using every core can never be slower than using one: the one-thread floor bounds it.
+    candidates_all.push((format!("one thread, {how_one}"), floor_one));
+    let (how_all, floor_all) = candidates_all.into_iter().min_by_key(|(_, t)| *t).expect("candidates");
+    println!("read floor: {isa}; all threads: {how_all}; one thread: {how_one}");
     let mut rows = Vec::new();
     let mut row = |name: &str, threads: &'static str, time: Duration| {
         let floor = if threads == "1" { floor_one } else { floor_all };
