@@ -1,9 +1,12 @@
 //! Benchmark table for the host INT4 / FP4 packing kernels (`aclnn::kernels`).
 //!
-//! For each weight size it prints one table: the read floor (a read-only pass over the `int32`
-//! input, all cores and one thread), a `memcpy` of the input, the CANN-style scalar host loop
-//! (`kernels::reference`), and every kernel of ours, each with its median time over at least 7
-//! runs and its ratio to the read floor with the same number of threads. The input is flushed
+//! For each weight size it prints one table: the read floor, a `memcpy` of the input, the
+//! CANN-style scalar host loop (`kernels::reference`), and every kernel of ours, each with its
+//! median time over at least 7 runs and its ratio to the read floor with the same number of
+//! threads. The floor is the fastest read-only pass over the `int32` input this CPU manages (the
+//! best of rayon and OS threads, scalar and the widest SIMD with 1-8 streams per thread; the
+//! all-threads floor is never slower than the one-thread floor), and for flushed inputs it is
+//! re-timed alternately with each kernel, so both sides of a ratio see the same machine. The input is flushed
 //! from the cache before every run (a buffer larger than the last-level cache is written and
 //! read). It ends with the simulator's copy counters: bytes moved per weight by the operator path
 //! against the host fast path.
@@ -131,6 +134,40 @@ fn measure(
         .collect();
     times.sort();
     times[runs / 2]
+}
+
+/// One timed call of `f`, in `pool` if given.
+fn time_once(pool: Option<&rayon::ThreadPool>, f: &mut (dyn FnMut() + Send)) -> Duration {
+    let mut run = || {
+        let t = Instant::now();
+        f();
+        t.elapsed()
+    };
+    match pool {
+        Some(p) => p.install(run),
+        None => run(),
+    }
+}
+
+/// Medians of `f` and of `floor`, timed alternately (each after a cache flush): the ratio of
+/// the two is measured under the same conditions.
+fn measure_pair(
+    runs: usize,
+    flusher: &mut Flusher,
+    pool: Option<&rayon::ThreadPool>,
+    floor: &mut (dyn FnMut() + Send),
+    f: &mut (dyn FnMut() + Send),
+) -> (Duration, Duration) {
+    let (mut times, mut floors) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for _ in 0..runs {
+        flusher.flush();
+        floors.push(time_once(pool, floor));
+        flusher.flush();
+        times.push(time_once(pool, f));
+    }
+    times.sort();
+    floors.sort();
+    (times[runs / 2], floors[runs / 2])
 }
 
 /// Median over `runs` batches of the time of one call of `f` (hot cache; for tiny inputs); the
@@ -374,106 +411,126 @@ fn bench_size(k: usize, n: usize, runs: usize, flusher: &mut Flusher, one: &rayo
         if small { measure_hot(runs, pool, f) } else { measure(runs, flusher, pool, f) }
     };
     // The floor is the fastest read-only pass this CPU can do: the best of several ways of
-    // reading (rayon or OS threads, scalar fold or the widest SIMD with four streams per thread).
+    // reading (rayon or OS threads, scalar fold or the widest SIMD with 1-8 streams per thread).
     let threads = rayon::current_num_threads();
     let isa = widest_isa();
-    let mut candidates_all: Vec<(String, Duration)> = Vec::new();
-    let mut candidates_one: Vec<(String, Duration)> = Vec::new();
-    let t = timer(None, &mut || {
-        black_box(read_floor_par(black_box(&ints)));
-    });
-    candidates_all.push(("rayon, scalar fold".into(), t));
-    let t = timer(Some(one), &mut || {
-        black_box(read_floor_serial(black_box(&ints)));
-    });
-    candidates_one.push(("scalar fold".into(), t));
+    type Read = std::sync::Arc<dyn Fn(&[i32]) -> u32 + Send + Sync>;
+    let mut reads_all: Vec<(String, Read)> = vec![("rayon, scalar fold".into(), std::sync::Arc::new(read_floor_par))];
+    let mut reads_one: Vec<(String, Read)> = vec![("scalar fold".into(), std::sync::Arc::new(read_floor_serial))];
     for streams in [1, 2, 4, 8] {
-        let t = timer(None, &mut || {
-            black_box(read_floor_rayon_wide(black_box(&ints), streams));
-        });
-        candidates_all.push((format!("rayon, {streams} stream(s)"), t));
-        let t = timer(None, &mut || {
-            black_box(read_floor_os_threads(black_box(&ints), threads, streams));
-        });
-        candidates_all.push((format!("OS threads, {streams} stream(s)"), t));
-        let t = timer(Some(one), &mut || {
-            black_box(wide_read(black_box(&ints), streams));
-        });
-        candidates_one.push((format!("{streams} stream(s)"), t));
+        reads_all.push((
+            format!("rayon, {streams} stream(s)"),
+            std::sync::Arc::new(move |s| read_floor_rayon_wide(s, streams)),
+        ));
+        reads_all.push((
+            format!("OS threads, {streams} stream(s)"),
+            std::sync::Arc::new(move |s| read_floor_os_threads(s, threads, streams)),
+        ));
+        reads_one.push((format!("{streams} stream(s)"), std::sync::Arc::new(move |s| wide_read(s, streams))));
     }
-    let (how_one, floor_one) = candidates_one.into_iter().min_by_key(|(_, t)| *t).expect("candidates");
+    // The kernels' own shape: many 256 KiB pieces shared out by rayon, each read with the widest
+    // SIMD in one stream.
+    reads_all.push((
+        "rayon, 256 KiB pieces, 1 stream".into(),
+        std::sync::Arc::new(|s: &[i32]| s.par_chunks(1 << 16).map(|p| wide_read(p, 1)).reduce(|| 0, |a, b| a ^ b)),
+    ));
+    let mut fastest = |reads: Vec<(String, Read)>, pool: Option<&rayon::ThreadPool>| {
+        reads
+            .into_iter()
+            .map(|(name, read)| {
+                let t = timer(pool, &mut || {
+                    black_box(read(black_box(&ints)));
+                });
+                (name, read, t)
+            })
+            .min_by_key(|(_, _, t)| *t)
+            .expect("candidates")
+    };
+    let (how_one, read_one, floor_one) = fastest(reads_one, Some(one));
     // Using every core can never be slower than using one: the one-thread floor bounds it.
-    candidates_all.push((format!("one thread, {how_one}"), floor_one));
-    let (how_all, floor_all) = candidates_all.into_iter().min_by_key(|(_, t)| *t).expect("candidates");
+    reads_all.push((format!("one thread, {how_one}"), read_one.clone()));
+    let (how_all, read_all, floor_all) = fastest(reads_all, None);
     println!("read floor: {isa}; all threads: {how_all}; one thread: {how_one}");
+    // Every kernel is timed rep by rep alternating with the floor of its thread count (flushed
+    // inputs), so a slow or fast phase of the machine affects both sides of its ratio.
+    let mut paired = |pool: Option<&rayon::ThreadPool>, f: &mut (dyn FnMut() + Send)| -> (Duration, Duration) {
+        let (read, floor) = if pool.is_some() { (&read_one, floor_one) } else { (&read_all, floor_all) };
+        if small {
+            (measure_hot(runs, pool, f), floor)
+        } else {
+            let mut read_floor = || {
+                black_box(read(black_box(&ints)));
+            };
+            measure_pair(runs, flusher, pool, &mut read_floor, f)
+        }
+    };
     let mut rows = Vec::new();
-    let mut row = |name: &str, threads: &'static str, time: Duration| {
-        let floor = if threads == "1" { floor_one } else { floor_all };
+    let mut row = |name: &str, threads: &'static str, (time, floor): (Duration, Duration)| {
         rows.push(Row { name: name.to_string(), threads, time, floor });
     };
-    row("read floor (xor of all int32)", "all", floor_all);
-    row("read floor (xor of all int32)", "1", floor_one);
-    let t = timer(None, &mut || {
+    row("read floor (xor of all int32)", "all", (floor_all, floor_all));
+    row("read floor (xor of all int32)", "1", (floor_one, floor_one));
+    let t = paired(None, &mut || {
         copy.par_chunks_mut(1 << 16).zip(ints.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
     });
     row("memcpy of the int32 input", "all", t);
-    let t = timer(None, &mut || cann_style_pack(black_box(&ints), &mut nd, None));
+    let t = paired(None, &mut || cann_style_pack(black_box(&ints), &mut nd, None));
     row("CANN-style scalar host loop, ND", "1", t);
-    let t = timer(None, &mut || cann_style_pack(black_box(&ints), &mut nd, Some((geom, &mut nz))));
+    let t = paired(None, &mut || cann_style_pack(black_box(&ints), &mut nd, Some((geom, &mut nz))));
     row("CANN-style scalar host loop, ND + NZ", "1", t);
-    let t = timer(None, &mut || {
+    let t = paired(None, &mut || {
         black_box(kernels::reference::pack_int4(black_box(&ints)));
     });
     row("kernels::reference::pack_int4 (naive, vectorised)", "1", t);
 
-    let t_nd = timer(None, &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
+    let t_nd = paired(None, &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
     row("pack_int4 (ND)", "all", t_nd);
-    let t = timer(None, &mut || kernels::pack_int4_checked(black_box(&ints), &mut nd).unwrap());
+    let t = paired(None, &mut || kernels::pack_int4_checked(black_box(&ints), &mut nd).unwrap());
     row("pack_int4_checked (ND, range check)", "all", t);
-    let t = timer(Some(one), &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
+    let t = paired(Some(one), &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
     row("pack_int4 (ND)", "1", t);
-    let t = timer(Some(one), &mut || kernels::pack_int4_checked(black_box(&ints), &mut nd).unwrap());
+    let t = paired(Some(one), &mut || kernels::pack_int4_checked(black_box(&ints), &mut nd).unwrap());
     row("pack_int4_checked (ND, range check)", "1", t);
-    let t = timer(None, &mut || kernels::pack_int4_nz_checked(black_box(&ints), geom, &mut nz).unwrap());
+    let t = paired(None, &mut || kernels::pack_int4_nz_checked(black_box(&ints), geom, &mut nz).unwrap());
     row("pack_int4_nz_checked (fused NZ, c0=32)", "all", t);
-    let t = timer(Some(one), &mut || kernels::pack_int4_nz_checked(black_box(&ints), geom, &mut nz).unwrap());
+    let t = paired(Some(one), &mut || kernels::pack_int4_nz_checked(black_box(&ints), geom, &mut nz).unwrap());
     row("pack_int4_nz_checked (fused NZ, c0=32)", "1", t);
-    let t = timer(None, &mut || kernels::pack_fp4(black_box(&floats), &mut nd).unwrap());
+    let t = paired(None, &mut || kernels::pack_fp4(black_box(&floats), &mut nd).unwrap());
     row("pack_fp4 (ND)", "all", t);
-    let t = timer(None, &mut || cann_style_pack_fp4(black_box(&floats), &mut nd));
+    let t = paired(None, &mut || cann_style_pack_fp4(black_box(&floats), &mut nd));
     row("CANN-style scalar host loop, FP4 (map lookup)", "1", t);
-    let t = timer(None, &mut || kernels::pack_fp4_checked(black_box(&floats), &mut nd).unwrap());
+    let t = paired(None, &mut || kernels::pack_fp4_checked(black_box(&floats), &mut nd).unwrap());
     row("pack_fp4_checked (ND, range check)", "all", t);
-    let t = timer(Some(one), &mut || kernels::pack_fp4(black_box(&floats), &mut nd).unwrap());
+    let t = paired(Some(one), &mut || kernels::pack_fp4(black_box(&floats), &mut nd).unwrap());
     row("pack_fp4 (ND)", "1", t);
-    let t = timer(None, &mut || kernels::pack_fp4_nz_checked(black_box(&floats), geom, &mut nz).unwrap());
+    let t = paired(None, &mut || kernels::pack_fp4_nz_checked(black_box(&floats), geom, &mut nz).unwrap());
     row("pack_fp4_nz_checked (fused NZ, c0=32)", "all", t);
     if kernels::simd_path() == "avx512" {
         kernels::force_avx2_path(true);
-        let t = timer(None, &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
+        let t = paired(None, &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
         row("pack_int4 (ND), AVX2 path", "all", t);
-        let t = timer(None, &mut || kernels::pack_int4_checked(black_box(&ints), &mut nd).unwrap());
+        let t = paired(None, &mut || kernels::pack_int4_checked(black_box(&ints), &mut nd).unwrap());
         row("pack_int4_checked (ND), AVX2 path", "all", t);
-        let t = timer(None, &mut || kernels::pack_int4_nz_checked(black_box(&ints), geom, &mut nz).unwrap());
+        let t = paired(None, &mut || kernels::pack_int4_nz_checked(black_box(&ints), geom, &mut nz).unwrap());
         row("pack_int4_nz_checked, AVX2 path", "all", t);
-        let t = timer(None, &mut || kernels::pack_fp4(black_box(&floats), &mut nd).unwrap());
+        let t = paired(None, &mut || kernels::pack_fp4(black_box(&floats), &mut nd).unwrap());
         row("pack_fp4 (ND), AVX2 path", "all", t);
         kernels::force_avx2_path(false);
     }
     kernels::force_plain_path(true);
-    let t = timer(None, &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
+    let t = paired(None, &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
     row("pack_int4 (ND), plain path (no SIMD)", "all", t);
-    let t = timer(Some(one), &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
+    let t = paired(Some(one), &mut || kernels::pack_int4(black_box(&ints), &mut nd).unwrap());
     row("pack_int4 (ND), plain path (no SIMD)", "1", t);
-    let t = timer(None, &mut || kernels::pack_int4_nz_checked(black_box(&ints), geom, &mut nz).unwrap());
+    let t = paired(None, &mut || kernels::pack_int4_nz_checked(black_box(&ints), geom, &mut nz).unwrap());
     row("pack_int4_nz_checked, plain path", "all", t);
-    let t = timer(None, &mut || kernels::pack_fp4(black_box(&floats), &mut nd).unwrap());
+    let t = paired(None, &mut || kernels::pack_fp4(black_box(&floats), &mut nd).unwrap());
     row("pack_fp4 (ND), plain path", "all", t);
     kernels::force_plain_path(false);
     kernels::pack_int4(&ints, &mut nd).unwrap();
-    let t = timer(None, &mut || kernels::unpack_int4(black_box(&nd), &mut unpacked).unwrap());
+    let t = paired(None, &mut || kernels::unpack_int4(black_box(&nd), &mut unpacked).unwrap());
     row("unpack_int4 (writes int32)", "all", t);
-    let t = timer(None, &mut || kernels::nd_to_nz(black_box(&nd), geom, GroupOffset::Padded, &mut nz).unwrap());
+    let t = paired(None, &mut || kernels::nd_to_nz(black_box(&nd), geom, GroupOffset::Padded, &mut nz).unwrap());
     row("nd_to_nz (packed bytes only)", "all", t);
     print_table(k, n, !small, &rows);
     if small {
