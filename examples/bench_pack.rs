@@ -614,7 +614,50 @@ fn main() -> Result<(), BoxError> {
     for &(k, n) in &opts.sizes {
         bench_size(k, n, opts.runs, &mut flusher, &one);
     }
+    threshold(opts.runs, &one);
     let (k, n) = if opts.full { (4096, 11008) } else { (256, 2048) };
     traffic(k, n)?;
     Ok(())
+}
+
+/// Where splitting across the pool starts to pay: `pack_int4` on hot inputs of growing size in a
+/// one-thread pool, in the default pool right after other parallel work (warm workers), and in
+/// the default pool after 20 ms of idleness (workers asleep, as between an engine's calls).
+fn threshold(runs: usize, one: &rayon::ThreadPool) {
+    println!();
+    println!("== parallel threshold: pack_int4, hot input, median of {runs} single calls ==");
+    println!("(the kernels split at {} elements)", kernels::PARALLEL_THRESHOLD);
+    println!("{:>10} {:>12} {:>12} {:>12}", "elements", "1 thread", "pool warm", "pool cold");
+    let median = |f: &mut dyn FnMut() -> Duration| {
+        let mut t: Vec<Duration> = (0..runs.max(7)).map(|_| f()).collect();
+        t.sort();
+        t[t.len() / 2]
+    };
+    for shift in 14..=24 {
+        let len = 1usize << shift;
+        let ints = int_input(len);
+        let mut out = vec![0u8; len / 2];
+        let serial = median(&mut || {
+            one.install(|| {
+                let t = Instant::now();
+                kernels::pack_int4(black_box(&ints), &mut out).unwrap();
+                t.elapsed()
+            })
+        });
+        let warm = median(&mut || {
+            (0..64).into_par_iter().for_each(|i| {
+                black_box(i);
+            });
+            let t = Instant::now();
+            kernels::pack_int4(black_box(&ints), &mut out).unwrap();
+            t.elapsed()
+        });
+        let cold = median(&mut || {
+            std::thread::sleep(Duration::from_millis(20));
+            let t = Instant::now();
+            kernels::pack_int4(black_box(&ints), &mut out).unwrap();
+            t.elapsed()
+        });
+        println!("{len:>10} {:>12.2?} {:>12.2?} {:>12.2?}", serial, warm, cold);
+    }
 }

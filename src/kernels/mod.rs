@@ -36,7 +36,13 @@ use rayon::prelude::*;
 mod x86;
 
 /// Element count at or above which the kernels split their work across the rayon pool.
-pub const PARALLEL_THRESHOLD: usize = 1 << 16;
+///
+/// Measured with `bench_pack`'s threshold table (2-vCPU AMD EPYC, AVX-512, hot input): a
+/// single-thread `pack_int4` beats the pool below about 2M elements when its workers are awake
+/// and below about 16M when they are asleep (waking them costs 60-200 µs). 4M elements (16 MiB
+/// of `int32`) is in between: smaller calls never pay for thread start-up, larger ones gain from
+/// a second core's bandwidth.
+pub const PARALLEL_THRESHOLD: usize = 1 << 22;
 
 /// Smallest number of elements handled by one parallel task (a multiple of 32, so every task owns
 /// whole bytes and whole SIMD blocks).
@@ -1306,7 +1312,7 @@ mod tests {
 
     #[test]
     fn large_fp4_and_nz_parallel_path() {
-        let g = geom(2, 300, 130, 32);
+        let g = geom(2, 2048, 520, 32);
         let n = 2 * g.nd_bytes();
         assert!(n >= PARALLEL_THRESHOLD);
         let mut src = in_range_f32(n, 11);
