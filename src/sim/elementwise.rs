@@ -401,12 +401,9 @@ unsafe extern "C" fn launch_muls(
 /// Phase 2 of both operators: queues the job on the stream.
 fn launch(api: &'static str, executor: *mut aclOpExecutor, stream: sys::aclrtStream) -> aclnnStatus {
     {
-        if executor.is_null() {
-            return param(sys::ACLNN_ERR_PARAM_NULLPTR, "Expected a proper executor but got null.");
-        }
-        let taken = machine::with(|m| m.executors.remove(&(executor as usize as u64)));
-        let Some(job) = taken.and_then(|b| b.downcast::<Job>().ok()) else {
-            return param(sys::ACLNN_ERR_PARAM_INVALID, "the executor is not live (already launched or destroyed?)");
+        let job = match machine::take_job::<Job>(executor) {
+            Ok(job) => job,
+            Err(code) => return code,
         };
         machine::with(|m| {
             let Some(h) = stream_handle(m, stream) else {

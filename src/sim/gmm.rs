@@ -309,12 +309,9 @@ unsafe extern "C" fn launch(
     stream: sys::aclrtStream,
 ) -> aclnnStatus {
     entry!("aclnnGroupedMatmulV4", {
-        if executor.is_null() {
-            return param(sys::ACLNN_ERR_PARAM_NULLPTR, "Expected a proper executor but got null.");
-        }
-        let taken = machine::with(|m| m.executors.remove(&(executor as usize as u64)));
-        let Some(job) = taken.and_then(|b| b.downcast::<Job>().ok()) else {
-            return invalid("the executor is not live (already launched or destroyed?)");
+        let job = match machine::take_job::<Job>(executor) {
+            Ok(job) => job,
+            Err(code) => return code,
         };
         machine::with(|m| {
             let Some(h) = stream_handle(m, stream) else {

@@ -874,6 +874,21 @@ pub fn take_reports() -> (Vec<LeakReport>, Vec<String>) {
     with(|m| (std::mem::take(&mut m.leaks), std::mem::take(&mut m.violations)))
 }
 
+/// Phase 2's hold on an executor: takes the job that phase 1 stored under `executor` out of the
+/// machine (it is consumed, whatever the launch's outcome), or the status and message phase 2
+/// returns for a null or dead executor.
+pub(crate) fn take_job<J: std::any::Any>(executor: *mut sys::aclOpExecutor) -> Result<Box<J>, sys::aclnnStatus> {
+    if executor.is_null() {
+        super::errmsg::aclnn_param("Expected a proper executor but got null.");
+        return Err(sys::ACLNN_ERR_PARAM_NULLPTR);
+    }
+    let taken = with(|m| m.executors.remove(&(executor as usize as u64)));
+    taken.and_then(|b| b.downcast::<J>().ok()).ok_or_else(|| {
+        super::errmsg::aclnn_param("the executor is not live (already launched or destroyed?)");
+        sys::ACLNN_ERR_PARAM_INVALID
+    })
+}
+
 /// Everything [`discard_all`] found alive or already reported leaked.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Discarded {

@@ -439,12 +439,9 @@ unsafe extern "C" fn launch(
     stream: sys::aclrtStream,
 ) -> aclnnStatus {
     entry!("aclnnWeightQuantBatchMatmulV2", {
-        if executor.is_null() {
-            return param(sys::ACLNN_ERR_PARAM_NULLPTR, "Expected a proper executor but got null.");
-        }
-        let taken = machine::with(|m| m.executors.remove(&(executor as usize as u64)));
-        let Some(job) = taken.and_then(|b| b.downcast::<Job>().ok()) else {
-            return param(sys::ACLNN_ERR_PARAM_INVALID, "the executor is not live (already launched or destroyed?)");
+        let job = match machine::take_job::<Job>(executor) {
+            Ok(job) => job,
+            Err(code) => return code,
         };
         if workspace_size < job.workspace || (job.workspace > 0 && workspace.is_null()) {
             return param(
