@@ -243,24 +243,6 @@ fn check_pair(input: &SimTensor, out: &SimTensor, what: &str) -> Result<(), acln
     Ok(())
 }
 
-/// Registers the job and writes the out-parameters.
-fn hand_out(job: Job, workspace_size: *mut u64, executor: *mut *mut aclOpExecutor) -> aclnnStatus {
-    if workspace_size.is_null() || executor.is_null() {
-        return param(sys::ACLNN_ERR_PARAM_NULLPTR, "workspaceSize and executor must not be null.");
-    }
-    let h = machine::with(|m| {
-        let h = m.new_handle();
-        m.executors.insert(h, Box::new(job));
-        h
-    });
-    // SAFETY: both checked non-null; the caller passes writable slots.
-    unsafe {
-        *workspace_size = 0;
-        *executor = h as usize as *mut aclOpExecutor;
-    }
-    sys::ACLNN_SUCCESS
-}
-
 unsafe extern "C" fn cast_workspace_size(
     input: *const aclTensor,
     dtype: sys::aclDataType,
@@ -292,7 +274,7 @@ unsafe extern "C" fn cast_workspace_size(
             errmsg::aclnn_inner("aclnnCast: complex types are not modelled by the simulator");
             return sys::ACLNN_ERR_INNER_NULLPTR;
         }
-        hand_out(Job { kind: Kind::Cast, input, out }, workspace_size, executor)
+        machine::hand_out_job(Job { kind: Kind::Cast, input, out }, 0, workspace_size, executor)
     })
 }
 
@@ -324,7 +306,7 @@ unsafe extern "C" fn muls_workspace_size(
             return param(sys::ACLNN_ERR_PARAM_INVALID, "aclnnMuls: out should have the data type of self.");
         }
         let scalar = decode(dtype, &bytes);
-        hand_out(Job { kind: Kind::Muls(scalar), input, out }, workspace_size, executor)
+        machine::hand_out_job(Job { kind: Kind::Muls(scalar), input, out }, 0, workspace_size, executor)
     })
 }
 
@@ -367,7 +349,7 @@ unsafe extern "C" fn permute_workspace_size(
         if out.dtype != input.dtype || size_of(input.dtype) == 0 {
             return param(sys::ACLNN_ERR_PARAM_INVALID, "aclnnPermute: out should have the data type of self.");
         }
-        hand_out(Job { kind: Kind::Cast, input: permuted, out }, workspace_size, executor)
+        machine::hand_out_job(Job { kind: Kind::Cast, input: permuted, out }, 0, workspace_size, executor)
     })
 }
 

@@ -130,20 +130,7 @@ unsafe extern "C" fn workspace_size(
             Ok(job) => job,
             Err(code) => return code,
         };
-        if workspace_size.is_null() || executor.is_null() {
-            return param(sys::ACLNN_ERR_PARAM_NULLPTR, "workspaceSize and executor must not be null.");
-        }
-        let h = machine::with(|m| {
-            let h = m.new_handle();
-            m.executors.insert(h, Box::new(job));
-            h
-        });
-        // SAFETY: both checked non-null; the caller passes writable slots.
-        unsafe {
-            *workspace_size = 0;
-            *executor = h as usize as *mut aclOpExecutor;
-        }
-        sys::ACLNN_SUCCESS
+        machine::hand_out_job(job, 0, workspace_size, executor)
     })
 }
 

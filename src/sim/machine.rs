@@ -874,6 +874,31 @@ pub fn take_reports() -> (Vec<LeakReport>, Vec<String>) {
     with(|m| (std::mem::take(&mut m.leaks), std::mem::take(&mut m.violations)))
 }
 
+/// Phase 1's last step: registers `job` as a new executor and writes the out-parameters
+/// (`workspace` bytes), or refuses null out-pointers as CANN does.
+pub(crate) fn hand_out_job<J: std::any::Any + Send>(
+    job: J,
+    workspace: u64,
+    workspace_size: *mut u64,
+    executor: *mut *mut sys::aclOpExecutor,
+) -> sys::aclnnStatus {
+    if workspace_size.is_null() || executor.is_null() {
+        super::errmsg::aclnn_param("workspaceSize and executor must not be null.");
+        return sys::ACLNN_ERR_PARAM_NULLPTR;
+    }
+    let h = with(|m| {
+        let h = m.new_handle();
+        m.executors.insert(h, Box::new(job));
+        h
+    });
+    // SAFETY: both checked non-null; the caller passes writable slots.
+    unsafe {
+        *workspace_size = workspace;
+        *executor = h as usize as *mut sys::aclOpExecutor;
+    }
+    sys::ACLNN_SUCCESS
+}
+
 /// Phase 2's hold on an executor: takes the job that phase 1 stored under `executor` out of the
 /// machine (it is consumed, whatever the launch's outcome), or the status and message phase 2
 /// returns for a null or dead executor.

@@ -133,21 +133,8 @@ unsafe extern "C" fn get_workspace_size(
         let args = [x, weight, antiquant_scale, antiquant_offset, quant_scale, quant_offset, bias, y];
         match prepare(args, group_size) {
             Ok(job) => {
-                if workspace_size.is_null() || executor.is_null() {
-                    return param(sys::ACLNN_ERR_PARAM_NULLPTR, "workspaceSize and executor must not be null.");
-                }
                 let size = job.workspace;
-                let handle = machine::with(|m| {
-                    let h = m.new_handle();
-                    m.executors.insert(h, Box::new(job));
-                    h
-                });
-                // SAFETY: both out-pointers were checked non-null; the caller passes writable slots.
-                unsafe {
-                    *workspace_size = size;
-                    *executor = handle as usize as *mut aclOpExecutor;
-                }
-                sys::ACLNN_SUCCESS
+                machine::hand_out_job(job, size, workspace_size, executor)
             }
             Err(code) => code,
         }
