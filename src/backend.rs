@@ -18,11 +18,23 @@ pub const CANN_ENV: [&str; 2] = ["ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME"];
 /// whose libraries do not load gives an error from [`crate::Runtime::new`] that lists every
 /// path searched, not a silent switch to a fake device.
 pub fn backend_from_env() -> Result<Backend> {
-    let value = std::env::var(BACKEND_ENV).unwrap_or_default();
-    match choose(&value, cann_environment_present())? {
+    match choice_from_env()? {
         Choice::Cann => Ok(Backend::cann()),
         Choice::Sim => sim_backend(),
     }
+}
+
+/// The name (`"cann"` or `"sim"`) of the backend [`backend_from_env`] picks, without building it
+/// (so without configuring the simulator).
+pub fn backend_name_from_env() -> Result<&'static str> {
+    Ok(match choice_from_env()? {
+        Choice::Cann => "cann",
+        Choice::Sim => "sim",
+    })
+}
+
+fn choice_from_env() -> Result<Choice> {
+    choose(&std::env::var(BACKEND_ENV).unwrap_or_default(), cann_environment_present())
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -55,7 +55,7 @@ pub mod sim;
 
 pub use aclnn_sys as sys;
 pub use args::{BoolArray, FloatArray, IntArray, Scalar, ScalarValue};
-pub use backend::{BACKEND_ENV, CANN_ENV, backend_from_env};
+pub use backend::{BACKEND_ENV, CANN_ENV, backend_from_env, backend_name_from_env};
 pub use device::{Device, MemoryInfo};
 pub use error::{Error, Result, aclnn_code_name, runtime_code_name};
 pub use event::Event;

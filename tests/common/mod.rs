@@ -14,11 +14,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// `true` when the tests run on the simulator.
 pub fn on_sim() -> bool {
-    match std::env::var(aclnn::BACKEND_ENV).as_deref().map(str::trim) {
-        Ok("cann") => false,
-        Ok("sim") => true,
-        _ => !aclnn::CANN_ENV.iter().any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty())),
-    }
+    !matches!(aclnn::backend_name_from_env(), Ok("cann"))
 }
 
 /// A test's hold on the backend: serialises tests and, on the simulator, checks at the end that
