@@ -74,9 +74,9 @@ fn select_backend(soc: Option<&str>) -> Result<Backend> {
     {
         bail!("--soc `{soc}` is not a known SoC; expected one of {}", aclnn::soc::KNOWN_SOCS.join(", "));
     }
-    let backend = aclnn::backend_from_env()?;
-    let Some(soc) = soc else { return Ok(backend) };
-    match backend.name() {
+    let Some(soc) = soc else { return Ok(aclnn::backend_from_env()?) };
+    // Decided before building, so the simulator is configured once, with `soc`.
+    match aclnn::backend_name_from_env()? {
         "sim" => simulated_backend(soc),
         other => {
             bail!(
