@@ -21,7 +21,9 @@
 
 use std::arch::x86_64::*;
 
-use super::{RunFn, TileFn, pack_run_plain, tile_pairs};
+use super::codes::FP4_MAX_ABS_BITS;
+use super::dispatch::{RunFn, TileFn, tile_pairs};
+use super::nd::pack_run_plain;
 
 /// A SIMD instruction set level with packers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -338,7 +340,7 @@ unsafe fn pack_f32_avx512<const CHECK: bool>(job: Job<'_, '_, '_, f32>) -> u32 {
     let seven = _mm512_set1_epi32(7);
     let eight = _mm512_set1_epi32(8);
     let abs = _mm512_set1_epi32(0x7FFF_FFFF);
-    let max = _mm512_set1_epi32(super::FP4_MAX_ABS_BITS as i32);
+    let max = _mm512_set1_epi32(FP4_MAX_ABS_BITS as i32);
     let codes = |b: __m512i, acc: &mut __m512i| {
         if CHECK {
             *acc = _mm512_max_epu32(*acc, _mm512_and_si512(b, abs));
@@ -580,7 +582,7 @@ unsafe fn pack_f32_avx2<const CHECK: bool>(job: Job<'_, '_, '_, f32>) -> u32 {
     let eight = _mm256_set1_epi32(8);
     let zero = _mm256_setzero_si256();
     let abs = _mm256_set1_epi32(0x7FFF_FFFF);
-    let max = _mm256_set1_epi32(super::FP4_MAX_ABS_BITS as i32);
+    let max = _mm256_set1_epi32(FP4_MAX_ABS_BITS as i32);
     let codes = |b: __m256i, acc: &mut __m256i| {
         if CHECK {
             *acc = _mm256_or_si256(*acc, _mm256_cmpgt_epi32(_mm256_and_si256(b, abs), max));

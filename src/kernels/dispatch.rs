@@ -1,0 +1,186 @@
+//! Run-time choice of the packing path and the work split: the SIMD level (x86-64 AVX-512 /
+//! AVX2, aarch64 NEON, else the plain path), the element trait that maps an element type to
+//! its packers, and the parallel threshold.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::codes::{FP4_MAX_ABS_BITS, fp4_code, int4_code};
+use super::error::PackError;
+use super::nd::pack_run_plain;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use super::isa;
+
+/// Element count at or above which the kernels split their work across the rayon pool.
+///
+/// Measured with `bench_pack`'s threshold table (2-vCPU AMD EPYC, AVX-512, hot input): a
+/// single-thread `pack_int4` beats the pool below about 2M elements when its workers are awake
+/// and below about 16M when they are asleep (waking them costs 60-200 µs). 4M elements (16 MiB
+/// of `int32`) is in between: smaller calls never pay for thread start-up, larger ones gain from
+/// a second core's bandwidth.
+pub const PARALLEL_THRESHOLD: usize = 1 << 22;
+
+/// Smallest number of elements handled by one parallel task (a multiple of 32, so every task owns
+/// whole bytes and whole SIMD blocks).
+pub(super) const PAR_CHUNK: usize = 1 << 14;
+
+/// Largest number of elements handled by one parallel task (1 MiB of `int32` input).
+const PAR_CHUNK_MAX: usize = 1 << 18;
+
+/// Elements per parallel task for an input of `len` elements: about four tasks per thread,
+/// within [`PAR_CHUNK`, `PAR_CHUNK_MAX`], a multiple of 32.
+pub(super) fn par_chunk(len: usize) -> usize {
+    let per_task = len / (4 * rayon::current_num_threads().max(1));
+    per_task.clamp(PAR_CHUNK, PAR_CHUNK_MAX).next_multiple_of(32)
+}
+
+/// Packs a run of elements: `src.len() == 2 * dst.len()`; returns a non-zero flag if (with
+/// `CHECK`) any element is not representable, and then the contents of `dst` are unspecified
+/// (the checked AVX-512 INT packer saturates instead of masking).
+pub(super) type RunFn<T> = fn(&[T], &mut [u8]) -> u32;
+
+/// Packs whole NZ tiles: `tile_fn(src, stride, rows, c0, tiles)` packs, for every tile `j` and
+/// row `t < rows`, the `2 c0` elements at `src[t * stride + 2 c0 j..]` into
+/// `tiles[j][t c0..(t + 1) c0]` (one tile after the other, each written sequentially); returns
+/// the `CHECK` flag like [`RunFn`]. Panics if `src` or a tile is too short.
+pub(super) type TileFn<T> = for<'a> fn(&[T], usize, usize, usize, &mut [&'a mut [u8]]) -> u32;
+
+/// The (source run, destination piece) pairs of a [`TileFn`] call, in destination order (tile
+/// by tile, each tile's rows in order). Panics if `src` or a tile is too short.
+pub(super) fn tile_pairs<'s, 't, T>(
+    src: &'s [T],
+    stride: usize,
+    rows: usize,
+    c0: usize,
+    tiles: &'t mut [&mut [u8]],
+) -> impl Iterator<Item = (&'s [T], &'t mut [u8])> {
+    tiles.iter_mut().enumerate().flat_map(move |(j, tile)| {
+        let tile: &'t mut [u8] = tile;
+        tile[..rows * c0].chunks_exact_mut(c0).enumerate().map(move |(t, piece)| {
+            let s = t * stride + 2 * c0 * j;
+            (&src[s..s + 2 * c0], piece)
+        })
+    })
+}
+
+/// The plain [`TileFn`].
+pub(super) fn pack_tiles_plain<T: Element, const CHECK: bool>(
+    src: &[T],
+    stride: usize,
+    rows: usize,
+    c0: usize,
+    tiles: &mut [&mut [u8]],
+) -> u32 {
+    tile_pairs(src, stride, rows, c0, tiles).fold(0, |bad, (s, d)| bad | pack_run_plain::<T, CHECK>(s, d))
+}
+
+/// When set, the kernels use the plain path even where a SIMD path is available.
+static FORCE_PLAIN: AtomicBool = AtomicBool::new(false);
+
+/// When set, the kernels use at most the AVX2 path (never AVX-512).
+static FORCE_AVX2: AtomicBool = AtomicBool::new(false);
+
+/// Makes the kernels use (`true`) or stop forcing (`false`) the plain, auto-vectorised path
+/// instead of the run-time detected SIMD path. For benchmarks and tests that compare the two;
+/// the output is the same either way.
+#[doc(hidden)]
+pub fn force_plain_path(force: bool) {
+    FORCE_PLAIN.store(force, Ordering::Relaxed);
+}
+
+/// Makes the kernels use (`true`) or stop forcing (`false`) at most the AVX2 path where the
+/// AVX-512 path would be chosen. For benchmarks and tests; the output is the same either way.
+#[doc(hidden)]
+pub fn force_avx2_path(force: bool) {
+    FORCE_AVX2.store(force, Ordering::Relaxed);
+}
+
+/// The SIMD level the kernels use now (none if the plain path is forced or none was detected).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn isa_level() -> Option<isa::Level> {
+    if FORCE_PLAIN.load(Ordering::Relaxed) { None } else { isa::best(FORCE_AVX2.load(Ordering::Relaxed)) }
+}
+
+/// Returns, from the enclosing function, the SIMD packer `isa::$runner::<$check>` of the current
+/// level if there is one; otherwise evaluates to `$plain`.
+macro_rules! simd_or {
+    ($runner:ident::<$check:ident>, $plain:expr) => {{
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        if let Some(f) = isa_level().and_then(isa::$runner::<$check>) {
+            return f;
+        }
+        $plain
+    }};
+}
+
+/// Name of the packing path the kernels use on this CPU: `"avx512"`, `"avx2"`, `"neon"` or
+/// `"plain"`.
+pub fn simd_path() -> &'static str {
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    if let Some(level) = isa_level() {
+        return level.name();
+    }
+    "plain"
+}
+
+/// An element type that can be packed into a nibble.
+pub(super) trait Element: Copy + Send + Sync + 'static {
+    /// The operator's 4-bit code.
+    fn code(self) -> u8;
+    /// The best run packer for this CPU (SIMD if detected and not disabled, else plain).
+    fn runner<const CHECK: bool>() -> RunFn<Self>;
+    /// The best tile packer for FRACTAL_NZ, chosen like [`Element::runner`].
+    fn tile_runner<const CHECK: bool>() -> TileFn<Self>;
+    /// 1 if the value is not representable (branch-free), else 0.
+    fn bad(self) -> u32;
+    /// The error reported for this value at `index`.
+    fn error(self, index: usize) -> PackError;
+}
+
+impl Element for i32 {
+    #[inline(always)]
+    fn code(self) -> u8 {
+        int4_code(self)
+    }
+
+    fn runner<const CHECK: bool>() -> RunFn<Self> {
+        simd_or!(int_runner::<CHECK>, pack_run_plain::<Self, CHECK>)
+    }
+
+    fn tile_runner<const CHECK: bool>() -> TileFn<Self> {
+        simd_or!(int_tile_runner::<CHECK>, pack_tiles_plain::<Self, CHECK>)
+    }
+
+    #[inline(always)]
+    fn bad(self) -> u32 {
+        u32::from(self.wrapping_add(8) as u32 > 15)
+    }
+
+    fn error(self, index: usize) -> PackError {
+        PackError::OutOfRange { index, value: i64::from(self) }
+    }
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn code(self) -> u8 {
+        fp4_code(self.to_bits())
+    }
+
+    fn runner<const CHECK: bool>() -> RunFn<Self> {
+        simd_or!(fp4_runner::<CHECK>, pack_run_plain::<Self, CHECK>)
+    }
+
+    fn tile_runner<const CHECK: bool>() -> TileFn<Self> {
+        simd_or!(fp4_tile_runner::<CHECK>, pack_tiles_plain::<Self, CHECK>)
+    }
+
+    #[inline(always)]
+    fn bad(self) -> u32 {
+        // NaN and infinities have larger magnitude bits than 6.0.
+        u32::from(self.to_bits() & 0x7FFF_FFFF > FP4_MAX_ABS_BITS)
+    }
+
+    fn error(self, index: usize) -> PackError {
+        PackError::FloatOutOfRange { index, value: self }
+    }
+}
