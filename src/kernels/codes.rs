@@ -6,7 +6,6 @@ pub(super) const FP4_MAX_ABS_BITS: u32 = 0x40C0_0000;
 /// The 16 FP4 E2M1 values, indexed by code.
 const FP4_VALUES: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
 
-
 /// INT4 code of an INT32 element: its low nibble (`v & 0xF`); no range check, so 8 -> 0x8,
 /// -9 -> 0x7 and 16 -> 0x0.
 #[inline]

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::codes::{FP4_MAX_ABS_BITS, fp4_code, int4_code};
 use super::error::PackError;
-use super::nd::pack_run_plain;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::isa;
+use super::nd::pack_run_plain;
 
 /// Element count at or above which the kernels split their work across the rayon pool.
 ///
@@ -61,6 +61,60 @@ pub(super) fn tile_pairs<'s, 't, T>(
         })
     })
 }
+
+/// The work of one SIMD packer call.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub(super) enum Job<'s, 't, 'a, T> {
+    /// A run: `src` (`2 * dst.len()` elements) into `dst` (a [`RunFn`] call).
+    Run(&'s [T], &'t mut [u8]),
+    /// Whole tiles (a [`TileFn`] call).
+    Tiles {
+        /// Source, row `t` of tile `j` at `t * stride + 2 * c0 * j`.
+        src: &'s [T],
+        /// Elements between source rows.
+        stride: usize,
+        /// Rows per tile.
+        rows: usize,
+        /// Bytes per tile row.
+        c0: usize,
+        /// The tiles.
+        tiles: &'t mut [&'a mut [u8]],
+    },
+}
+
+/// Runs a [`Job::Tiles`] whose tile rows are whole SIMD blocks of `$bytes` output bytes
+/// (`c0 % $bytes == 0`) with pointer arithmetic after one bounds check per call: for every tile,
+/// row and block, in destination order, `$block(s, d)` must pack the `2 * $bytes` elements at
+/// `s` into the `$bytes` bytes at `d`. Both pointers are valid for that many elements / bytes;
+/// panics if `$src` or a tile is too short. Shared by every instruction set's packers.
+macro_rules! walk_tiles {
+    ($src:expr, $stride:expr, $rows:expr, $c0:expr, $tiles:expr, $bytes:expr, $block:expr) => {{
+        let (src, stride, rows, c0, tiles) = ($src, $stride, $rows, $c0, $tiles);
+        let mut block = $block;
+        let n = tiles.len();
+        if rows > 0 && n > 0 {
+            let need = (rows - 1).saturating_mul(stride).saturating_add(n.saturating_mul(2 * c0));
+            assert!(src.len() >= need, "tile source too short");
+        }
+        for (j, tile) in tiles.iter_mut().enumerate() {
+            assert!(tile.len() >= rows * c0, "tile too short");
+            let d = tile.as_mut_ptr();
+            for t in 0..rows {
+                for b in 0..c0 / $bytes {
+                    // SAFETY: elements `t * stride + 2 c0 j + 2 $bytes b ..+ 2 $bytes` end at most
+                    // at `(rows - 1) * stride + 2 c0 n <= src.len()` (asserted above).
+                    let s = unsafe { src.as_ptr().add(t * stride + 2 * c0 * j + 2 * $bytes * b) };
+                    // SAFETY: bytes `t c0 + $bytes b ..+ $bytes` lie within the first `rows * c0`
+                    // bytes of the tile (asserted above).
+                    let d = unsafe { d.add(t * c0 + $bytes * b) };
+                    block(s, d);
+                }
+            }
+        }
+    }};
+}
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub(super) use walk_tiles;
 
 /// The plain [`TileFn`].
 pub(super) fn pack_tiles_plain<T: Element, const CHECK: bool>(

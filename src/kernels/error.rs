@@ -2,7 +2,6 @@
 
 use std::fmt;
 
-
 /// A buffer length or geometry parameter does not match what a kernel requires.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayoutError {

@@ -5,7 +5,6 @@ use rayon::prelude::*;
 use super::dispatch::{Element, PARALLEL_THRESHOLD, RunFn, par_chunk};
 use super::error::{LayoutError, PackError};
 
-
 /// The plain packer: `src` (two elements per byte, low nibble first) into `dst`; with `CHECK` it
 /// also returns a non-zero flag if any element is not representable. Written as one byte per
 /// element pair with branch-free codes and flags, which LLVM auto-vectorises.

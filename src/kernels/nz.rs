@@ -6,7 +6,6 @@ use super::dispatch::{Element, PARALLEL_THRESHOLD};
 use super::error::{LayoutError, PackError};
 use super::nd::first_bad;
 
-
 /// Shape of an ND -> FRACTAL_NZ conversion on packed bytes (int4pack.md 1.5.5).
 ///
 /// All derived sizes use saturating arithmetic, so absurd geometries never panic; they simply

@@ -71,8 +71,7 @@ pub fn nd_to_nz(packed: &[u8], geom: NzGeometry, offset: GroupOffset) -> Vec<u8>
         for r in 0..kk {
             for c in 0..nb {
                 let src = g * kk * nb + r * nb + c;
-                let dst =
-                    (c / c0) * (k1 * 16 * c0) + (r / 16) * (16 * c0) + (r % 16) * c0 + (c % c0) + group_offset;
+                let dst = (c / c0) * (k1 * 16 * c0) + (r / 16) * (16 * c0) + (r % 16) * c0 + (c % c0) + group_offset;
                 out[dst] = packed[src];
             }
         }

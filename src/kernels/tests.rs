@@ -201,10 +201,7 @@ fn pack_int4_checked_reports_first_bad() {
     assert_eq!(pack_int4_checked(&src, &mut out), Err(PackError::OutOfRange { index: 4, value: 8 }));
     let src = [-8, 7, i32::MIN, 0];
     let mut out = [0u8; 2];
-    assert_eq!(
-        pack_int4_checked(&src, &mut out),
-        Err(PackError::OutOfRange { index: 2, value: i64::from(i32::MIN) })
-    );
+    assert_eq!(pack_int4_checked(&src, &mut out), Err(PackError::OutOfRange { index: 2, value: i64::from(i32::MIN) }));
 }
 
 #[test]
@@ -457,10 +454,7 @@ fn large_fp4_and_nz_parallel_path() {
 
     src[n - 1] = f32::INFINITY;
     src[n / 3] = -6.5;
-    assert_eq!(
-        pack_fp4_nz_checked(&src, g, &mut fused),
-        Err(PackError::FloatOutOfRange { index: n / 3, value: -6.5 })
-    );
+    assert_eq!(pack_fp4_nz_checked(&src, g, &mut fused), Err(PackError::FloatOutOfRange { index: n / 3, value: -6.5 }));
     assert_eq!(pack_fp4_checked(&src, &mut packed2), Err(PackError::FloatOutOfRange { index: n / 3, value: -6.5 }));
     let mut f = vec![0f32; n];
     unpack_fp4(&packed, &mut f).unwrap();
@@ -578,8 +572,7 @@ fn simd_runners_match_plain_all_lengths_and_bad_positions() {
         simd_matches_plain(&base_f[..n], &floats);
     }
     // A single bad value at every position of a 100-element run (block and tail lanes).
-    for (pos, bad_i, bad_f) in (0..100).map(|p| (p, [8, -9, i32::MIN, i32::MAX][p % 4], [6.5f32, f32::NAN][p % 2]))
-    {
+    for (pos, bad_i, bad_f) in (0..100).map(|p| (p, [8, -9, i32::MIN, i32::MAX][p % 4], [6.5f32, f32::NAN][p % 2])) {
         let mut s = base_i[..100].to_vec();
         s[pos] = bad_i;
         simd_matches_plain(&s, &ints);
@@ -736,6 +729,9 @@ fn fused_nz_every_c0_with_bad_values() {
 #[test]
 fn simd_path_name() {
     assert!(["avx512", "avx2", "neon", "plain"].contains(&simd_path()));
+    // NEON is part of every aarch64 CPU: the dispatch must pick it there.
+    #[cfg(target_arch = "aarch64")]
+    assert_eq!(simd_path(), "neon");
 }
 
 // --- properties ------------------------------------------------------------------------

@@ -6,7 +6,6 @@ use super::codes::{fp4_value, int4_value};
 use super::dispatch::{PARALLEL_THRESHOLD, par_chunk};
 use super::error::LayoutError;
 
-
 fn check_unpack_lengths(packed_len: usize, out_len: usize) -> Result<(), LayoutError> {
     // A byte slice is at most isize::MAX long, so doubling cannot overflow.
     if out_len != 2 * packed_len {

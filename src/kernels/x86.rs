@@ -22,7 +22,7 @@
 use std::arch::x86_64::*;
 
 use super::codes::FP4_MAX_ABS_BITS;
-use super::dispatch::{RunFn, TileFn, tile_pairs};
+use super::dispatch::{Job, RunFn, TileFn, tile_pairs, walk_tiles};
 use super::nd::pack_run_plain;
 
 /// A SIMD instruction set level with packers.
@@ -132,25 +132,6 @@ pub(super) fn fp4_tile_runner<const CHECK: bool>(level: Level) -> Option<TileFn<
 // ---------------------------------------------------------------------------------------------
 // AVX-512
 // ---------------------------------------------------------------------------------------------
-
-/// The work of one AVX-512 packer call.
-enum Job<'s, 't, 'a, T> {
-    /// A run: `src` (`2 * dst.len()` elements) into `dst` (a [`RunFn`] call).
-    Run(&'s [T], &'t mut [u8]),
-    /// Whole tiles (a [`TileFn`] call).
-    Tiles {
-        /// Source, row `t` of tile `j` at `t * stride + 2 * c0 * j`.
-        src: &'s [T],
-        /// Elements between source rows.
-        stride: usize,
-        /// Rows per tile.
-        rows: usize,
-        /// Bytes per tile row.
-        c0: usize,
-        /// The tiles.
-        tiles: &'t mut [&'a mut [u8]],
-    },
-}
 
 /// `vpermt2b` index that gathers byte 0 of each 64-bit lane of two vectors `a`, `b`: output
 /// bytes `16h..16h + 8` come from `a`'s lanes 0..8 and `16h + 8..16h + 16` from `b`'s, for every
@@ -268,26 +249,12 @@ macro_rules! pack_avx512 {
         match $job {
             Job::Run(src, dst) => piece(src, dst, &mut acc, &mut acc8),
             Job::Tiles { src, stride, rows, c0, tiles } if c0.is_multiple_of(32) => {
-                let n = tiles.len();
-                if rows > 0 && n > 0 {
-                    let need = (rows - 1).saturating_mul(stride).saturating_add(n.saturating_mul(2 * c0));
-                    assert!(src.len() >= need, "tile source too short");
-                }
-                for (j, tile) in tiles.iter_mut().enumerate() {
-                    assert!(tile.len() >= rows * c0, "tile too short");
-                    let d = tile.as_mut_ptr();
-                    for t in 0..rows {
-                        for b in 0..c0 / 32 {
-                            // SAFETY: elements `t * stride + 2 c0 j + 64 b ..+ 64` end at most at
-                            // `(rows - 1) * stride + 2 c0 n <= src.len()` (asserted above).
-                            let s = unsafe { src.as_ptr().add(t * stride + 2 * c0 * j + 64 * b) };
-                            let out = block64(s, &mut acc, &mut acc8);
-                            // SAFETY: bytes `t c0 + 32 b ..+ 32` lie within the first `rows * c0`
-                            // bytes of the tile (asserted above); the store is unaligned.
-                            unsafe { _mm256_storeu_si256(d.add(t * c0 + 32 * b).cast(), out) };
-                        }
-                    }
-                }
+                walk_tiles!(src, stride, rows, c0, tiles, 32, |s: *const $t, d: *mut u8| {
+                    let out = block64(s, &mut acc, &mut acc8);
+                    // SAFETY: `walk_tiles` hands out 32 writable bytes at `d`; the store is
+                    // unaligned.
+                    unsafe { _mm256_storeu_si256(d.cast(), out) };
+                })
             }
             Job::Tiles { src, stride, rows, c0, tiles } => {
                 for (s, d) in tile_pairs(src, stride, rows, c0, tiles) {
@@ -497,26 +464,12 @@ macro_rules! pack_avx2 {
         match $job {
             Job::Run(src, dst) => piece(src, dst, &mut acc, &mut acc8),
             Job::Tiles { src, stride, rows, c0, tiles } if c0.is_multiple_of(16) => {
-                let n = tiles.len();
-                if rows > 0 && n > 0 {
-                    let need = (rows - 1).saturating_mul(stride).saturating_add(n.saturating_mul(2 * c0));
-                    assert!(src.len() >= need, "tile source too short");
-                }
-                for (j, tile) in tiles.iter_mut().enumerate() {
-                    assert!(tile.len() >= rows * c0, "tile too short");
-                    let d = tile.as_mut_ptr();
-                    for t in 0..rows {
-                        for b in 0..c0 / 16 {
-                            // SAFETY: elements `t * stride + 2 c0 j + 32 b ..+ 32` end at most at
-                            // `(rows - 1) * stride + 2 c0 n <= src.len()` (asserted above).
-                            let s = unsafe { src.as_ptr().add(t * stride + 2 * c0 * j + 32 * b) };
-                            let r = block32(s, &mut acc, &mut acc8);
-                            // SAFETY: bytes `t c0 + 16 b ..+ 16` lie within the first `rows * c0`
-                            // bytes of the tile (asserted above); the store is unaligned.
-                            unsafe { _mm_storeu_si128(d.add(t * c0 + 16 * b).cast(), r) };
-                        }
-                    }
-                }
+                walk_tiles!(src, stride, rows, c0, tiles, 16, |s: *const $t, d: *mut u8| {
+                    let r = block32(s, &mut acc, &mut acc8);
+                    // SAFETY: `walk_tiles` hands out 16 writable bytes at `d`; the store is
+                    // unaligned.
+                    unsafe { _mm_storeu_si128(d.cast(), r) };
+                })
             }
             Job::Tiles { src, stride, rows, c0, tiles } => {
                 for (s, d) in tile_pairs(src, stride, rows, c0, tiles) {
