@@ -242,25 +242,53 @@ impl<T: DeviceRepr> DeviceBuffer<T> {
         offset: usize,
         stream: &Arc<Stream>,
     ) -> Result<()> {
-        if offset.checked_add(self.len).is_none_or(|end| end > src.len) {
+        let len = self.len;
+        self.copy_from_pinned_async_into(0, src, offset..offset.saturating_add(len), stream)
+    }
+
+    /// Queues a copy of `src[src_range]` into this buffer from element `dst_offset` on, on
+    /// `stream` (any stream of the buffer's device), and returns at once: a large weight is
+    /// uploaded part by part through a small staging buffer this way. Ordered like
+    /// [`copy_from_pinned_async_on`](Self::copy_from_pinned_async_on): the copy waits on the
+    /// device for earlier queued uses of either buffer, and later uses (host access to `src`,
+    /// drops) wait for it.
+    pub fn copy_from_pinned_async_into(
+        &mut self,
+        dst_offset: usize,
+        src: &PinnedHostBuffer<T>,
+        src_range: std::ops::Range<usize>,
+        stream: &Arc<Stream>,
+    ) -> Result<()> {
+        if src_range.start > src_range.end || src_range.end > src.len {
             return Err(Error::invalid(
                 "source range",
-                format!("{} elements from {offset} of a {}-element pinned buffer", self.len, src.len),
+                format!("elements {src_range:?} of a {}-element pinned buffer", src.len),
                 "a range inside the pinned buffer",
             ));
         }
+        let count = src_range.len();
+        if dst_offset.checked_add(count).is_none_or(|end| end > self.len) {
+            return Err(Error::invalid(
+                "destination range",
+                format!("{count} elements from {dst_offset} of a {}-element device buffer", self.len),
+                "a range inside the device buffer",
+            ));
+        }
         self.check_stream(stream, &src.device)?;
-        if self.len == 0 {
+        if count == 0 {
             return Ok(());
         }
         enqueue(stream, &[(&self.tracker, Access::Write), (&src.tracker, Access::Read)], || {
             stream.device().bind()?;
-            let (api, bytes) = (self.api(), self.byte_len());
-            // In bounds: checked above (`offset + len <= src.len`).
-            let (dst, src) = (self.as_raw(), (src.ptr + offset * std::mem::size_of::<T>()) as *const c_void);
-            // SAFETY: both sides hold `bytes` bytes from their starts; neither can be freed, nor
-            // the pinned one written by the host, before the mark recorded after this copy has
-            // completed (their trackers make drop and host access wait for it).
+            let size = std::mem::size_of::<T>();
+            let (api, bytes) = (self.api(), count * size);
+            // In bounds: both ranges were checked above.
+            let dst = (self.as_raw() as usize + dst_offset * size) as *mut c_void;
+            let src = (src.ptr + src_range.start * size) as *const c_void;
+            // SAFETY: both sides hold `bytes` bytes from these addresses (ranges checked above);
+            // neither buffer can be freed, nor the pinned one written by the host, before the mark
+            // recorded after this copy has completed (their trackers make drop and host access
+            // wait for it).
             call(api, unsafe {
                 c::aclrtMemcpyAsync(api, dst, bytes, src, bytes, sys::ACL_MEMCPY_HOST_TO_DEVICE, stream.raw())
             })

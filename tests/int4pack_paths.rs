@@ -8,7 +8,7 @@
 mod common;
 
 use aclnn::ops::int4pack::{
-    PackLayout, PackOptions, WeightKind, convert_weight_to_int4_pack, convert_weight_to_int4_pack_plan,
+    HostPacker, PackLayout, PackOptions, WeightKind, convert_weight_to_int4_pack, convert_weight_to_int4_pack_plan,
     pack_fp4_on_host, pack_int4_on_host, reference_pack_int4,
 };
 use aclnn::{
@@ -223,6 +223,9 @@ fn int_case(case: &Case) {
         let op = convert_weight_to_int4_pack(&weight, options).unwrap();
         let host = pack_int4_on_host(&rig.stream, &weights, &case.shape, options).unwrap();
         let layout = PackLayout::new(&case.shape, WeightKind::Int4, options, family).unwrap();
+        // Chunked through small staging buffers, twice with the same packer.
+        let mut packer = HostPacker::with_chunk_bytes(&rig.stream, 1 + (case.seed % 97) as usize);
+        let chunked = [(); 2].map(|()| packer.pack_int4(&weights, &case.shape, options).unwrap());
 
         let op_bytes = op.to_host_bytes().unwrap();
         let host_bytes = host.to_host_bytes().unwrap();
@@ -233,6 +236,9 @@ fn int_case(case: &Case) {
 
         assert_eq!(op_bytes, mine, "operator path, {case:?}");
         assert_eq!(host_bytes, mine, "host path, {case:?}");
+        for c in &chunked {
+            assert_eq!(c.to_host_bytes().unwrap(), mine, "chunked host path, {case:?}");
+        }
         assert_eq!(reference, mine, "reference_pack_int4, {case:?}");
         assert_eq!(op.layout(), &layout);
         assert_eq!(host.layout(), &layout);
@@ -264,6 +270,9 @@ fn fp4_case(case: &Case, exact: bool) {
         let op = convert_weight_to_int4_pack(&weight, options).unwrap();
         let host = pack_fp4_on_host(&rig.stream, &weights, &case.shape, options).unwrap();
         let layout = PackLayout::new(&case.shape, WeightKind::Fp4, options, family).unwrap();
+        let chunked = HostPacker::with_chunk_bytes(&rig.stream, 1 + (case.seed % 89) as usize)
+            .pack_fp4(&weights, &case.shape, options)
+            .unwrap();
 
         let op_bytes = op.to_host_bytes().unwrap();
         let host_bytes = host.to_host_bytes().unwrap();
@@ -280,6 +289,7 @@ fn fp4_case(case: &Case, exact: bool) {
 
         assert_eq!(op_bytes, mine, "operator path, {case:?}");
         assert_eq!(host_bytes, mine, "host path, {case:?}");
+        assert_eq!(chunked.to_host_bytes().unwrap(), mine, "chunked host path, {case:?}");
         assert_eq!(kernel_ref, mine, "kernels::reference, {case:?}");
         assert_eq!(op.layout(), &layout);
         assert_eq!(host.layout(), &layout);
@@ -375,6 +385,84 @@ fn host_path_rejects_out_of_range_ints_reporting_the_first() {
         let e = pack_int4_on_host(&rig.stream, &weights, &[64, 8], PackOptions::default()).unwrap_err();
         assert!(matches!(&e, Error::ValueOutOfRange { index: 10, value, .. } if value == "-9"), "{e:?}");
         assert_eq!(counters(), before, "nothing uploaded or allocated");
+    }
+    h.assert_clean();
+}
+
+#[test]
+fn host_packer_reports_the_first_bad_element_of_the_whole_weight_not_of_the_first_chunk() {
+    let h = common::harness();
+    {
+        let rig = Rig::new(&h);
+        if rig.family() != ChipFamily::A2A3 {
+            return;
+        }
+        // (40, 256) in NZ on A2/A3: 128 bytes per row, C0 = 32, so N1 = 4 column blocks of
+        // K1 * 16 * 32 = 1536 bytes; one block per chunk.
+        let shape = [40i64, 256];
+        let options = opts(Container::ThirtyTwoBit, Format::FractalNz);
+        let mut weights: Vec<i32> = (0..40 * 256).map(|i| (i % 16) - 8).collect();
+        weights[30 * 256] = 8; // row 30, column 0: in the first chunk
+        weights[2 * 256 + 200] = -9; // row 2, column 200: in the last chunk, earlier in element order
+        let mut packer = HostPacker::with_chunk_bytes(&rig.stream, 1536);
+        match packer.pack_int4(&weights, &shape, options) {
+            Err(Error::ValueOutOfRange { index, value, .. }) => {
+                assert_eq!((index, value.as_str()), (2 * 256 + 200, "-9"));
+            }
+            other => panic!("expected ValueOutOfRange, got {other:?}"),
+        }
+        // ND chunks are runs of bytes: the same answer.
+        let mut nd = HostPacker::with_chunk_bytes(&rig.stream, 100);
+        match nd.pack_int4(&weights, &shape, opts(Container::ThirtyTwoBit, Format::Nd)) {
+            Err(Error::ValueOutOfRange { index, .. }) => assert_eq!(index, 2 * 256 + 200),
+            other => panic!("expected ValueOutOfRange, got {other:?}"),
+        }
+        let mut floats = vec![0.5f32; 40 * 256];
+        floats[39 * 256 + 255] = f32::INFINITY;
+        floats[256 + 70] = 6.5;
+        match packer.pack_fp4(&floats, &shape, options) {
+            Err(Error::ValueOutOfRange { index, .. }) => assert_eq!(index, 256 + 70),
+            other => panic!("expected ValueOutOfRange, got {other:?}"),
+        }
+        // After the errors, the packer still works and its staging stays within two chunks.
+        weights[30 * 256] = 7;
+        weights[2 * 256 + 200] = -8;
+        let packed = packer.pack_int4(&weights, &shape, options).unwrap();
+        assert!(packer.staging_bytes() <= 2 * 1536, "{packer:?}");
+        drop(packer); // waits for the uploads still reading its staging buffers
+        let expected = pack_int4_on_host(&rig.stream, &weights, &shape, options).unwrap();
+        assert_eq!(packed.to_host_bytes().unwrap(), expected.to_host_bytes().unwrap());
+    }
+    h.assert_clean();
+}
+
+#[test]
+fn host_packer_reused_across_weights_uploads_each_in_full() {
+    let h = common::harness();
+    {
+        let rig = Rig::new(&h);
+        let mut packer = HostPacker::with_chunk_bytes(&rig.stream, 4096);
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut packed = Vec::new();
+        for (k, n) in [(64i64, 1024i64), (8, 16), (300, 512), (1, 8), (129, 2048)] {
+            let weights: Vec<i32> = (0..k * n).map(|_| rng.i32(-8..=7)).collect();
+            for format in [Format::Nd, Format::FractalNz] {
+                let options = opts(Container::ThirtyTwoBit, format);
+                let weight = packer.pack_int4(&weights, &[k, n], options).unwrap();
+                packed.push((weight, weights.clone(), [k, n], options));
+            }
+        }
+        // Two chunks, each at most the larger of 4096 bytes and one NZ column block (K1 * 16 * C0
+        // bytes; the tallest weight has K1 = 19).
+        let largest_chunk = 4096.max(19 * 16 * my_c0(rig.family()));
+        assert!(packer.staging_bytes() <= 2 * largest_chunk, "{packer:?}");
+        assert!(packer.staging_bytes() >= 2 * 4096, "{packer:?}");
+        // Every weight has its own bytes (each read waits for that weight's uploads only).
+        for (weight, weights, shape, options) in &packed {
+            let layout = PackLayout::new(shape, WeightKind::Int4, *options, rig.family()).unwrap();
+            let expected = reference_pack_int4(weights, &layout).unwrap();
+            assert_eq!(weight.to_host_bytes().unwrap(), expected, "{shape:?} {options:?}");
+        }
     }
     h.assert_clean();
 }

@@ -38,23 +38,50 @@ pub(super) fn par_chunk(len: usize) -> usize {
 /// (the checked AVX-512 INT packer saturates instead of masking).
 pub(super) type RunFn<T> = fn(&[T], &mut [u8]) -> u32;
 
+/// The destination of a [`TileFn`] call: `count` tiles, tile `j` starting at byte `j * pitch`
+/// of `bytes`. In a FRACTAL_NZ buffer the tiles of one 16-row block in consecutive column blocks
+/// are one column block (`K1 * 16 * c0` bytes) apart, so one slice and a pitch describe them
+/// without building a list of slices.
+pub(super) struct Tiles<'a> {
+    /// The bytes from the first tile on.
+    pub(super) bytes: &'a mut [u8],
+    /// Bytes from one tile's start to the next one's.
+    pub(super) pitch: usize,
+    /// Number of tiles.
+    pub(super) count: usize,
+}
+
+impl Tiles<'_> {
+    /// Panics unless every tile holds `rows * c0` bytes and no two tiles overlap.
+    pub(super) fn check(&self, rows: usize, c0: usize) {
+        if self.count == 0 {
+            return;
+        }
+        let width = rows.saturating_mul(c0);
+        assert!(self.count == 1 || self.pitch >= width, "tiles overlap");
+        let need = (self.count - 1).saturating_mul(self.pitch).saturating_add(width);
+        assert!(self.bytes.len() >= need, "tile too short");
+    }
+}
+
 /// Packs whole NZ tiles: `tile_fn(src, stride, rows, c0, tiles)` packs, for every tile `j` and
-/// row `t < rows`, the `2 c0` elements at `src[t * stride + 2 c0 j..]` into
-/// `tiles[j][t c0..(t + 1) c0]` (one tile after the other, each written sequentially); returns
-/// the `CHECK` flag like [`RunFn`]. Panics if `src` or a tile is too short.
-pub(super) type TileFn<T> = for<'a> fn(&[T], usize, usize, usize, &mut [&'a mut [u8]]) -> u32;
+/// row `t < rows`, the `2 c0` elements at `src[t * stride + 2 c0 j..]` into bytes
+/// `t c0..(t + 1) c0` of tile `j` (one tile after the other, each written sequentially); returns
+/// the `CHECK` flag like [`RunFn`]. Panics if `src` or the tiles are too short.
+pub(super) type TileFn<T> = for<'a> fn(&[T], usize, usize, usize, Tiles<'a>) -> u32;
 
 /// The (source run, destination piece) pairs of a [`TileFn`] call, in destination order (tile
-/// by tile, each tile's rows in order). Panics if `src` or a tile is too short.
+/// by tile, each tile's rows in order). Panics if `src` or the tiles are too short.
 pub(super) fn tile_pairs<'s, 't, T>(
     src: &'s [T],
     stride: usize,
     rows: usize,
     c0: usize,
-    tiles: &'t mut [&mut [u8]],
+    tiles: Tiles<'t>,
 ) -> impl Iterator<Item = (&'s [T], &'t mut [u8])> {
-    tiles.iter_mut().enumerate().flat_map(move |(j, tile)| {
-        let tile: &'t mut [u8] = tile;
+    tiles.check(rows, c0);
+    let Tiles { bytes, pitch, count } = tiles;
+    bytes.chunks_mut(pitch.max(1)).take(count).enumerate().flat_map(move |(j, tile)| {
         tile[..rows * c0].chunks_exact_mut(c0).enumerate().map(move |(t, piece)| {
             let s = t * stride + 2 * c0 * j;
             (&src[s..s + 2 * c0], piece)
@@ -64,7 +91,7 @@ pub(super) fn tile_pairs<'s, 't, T>(
 
 /// The work of one SIMD packer call.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-pub(super) enum Job<'s, 't, 'a, T> {
+pub(super) enum Job<'s, 't, T> {
     /// A run: `src` (`2 * dst.len()` elements) into `dst` (a [`RunFn`] call).
     Run(&'s [T], &'t mut [u8]),
     /// Whole tiles (a [`TileFn`] call).
@@ -78,7 +105,7 @@ pub(super) enum Job<'s, 't, 'a, T> {
         /// Bytes per tile row.
         c0: usize,
         /// The tiles.
-        tiles: &'t mut [&'a mut [u8]],
+        tiles: Tiles<'t>,
     },
 }
 
@@ -89,24 +116,25 @@ pub(super) enum Job<'s, 't, 'a, T> {
 /// panics if `$src` or a tile is too short. Shared by every instruction set's packers.
 macro_rules! walk_tiles {
     ($src:expr, $stride:expr, $rows:expr, $c0:expr, $tiles:expr, $bytes:expr, $block:expr) => {{
-        let (src, stride, rows, c0, tiles) = ($src, $stride, $rows, $c0, $tiles);
+        let (src, stride, rows, c0, tiles): (&[_], usize, usize, usize, Tiles<'_>) =
+            ($src, $stride, $rows, $c0, $tiles);
         let mut block = $block;
-        let n = tiles.len();
+        tiles.check(rows, c0);
+        let (n, pitch) = (tiles.count, tiles.pitch);
         if rows > 0 && n > 0 {
             let need = (rows - 1).saturating_mul(stride).saturating_add(n.saturating_mul(2 * c0));
             assert!(src.len() >= need, "tile source too short");
         }
-        for (j, tile) in tiles.iter_mut().enumerate() {
-            assert!(tile.len() >= rows * c0, "tile too short");
-            let d = tile.as_mut_ptr();
+        let d = tiles.bytes.as_mut_ptr();
+        for j in 0..n {
             for t in 0..rows {
                 for b in 0..c0 / $bytes {
                     // SAFETY: elements `t * stride + 2 c0 j + 2 $bytes b ..+ 2 $bytes` end at most
                     // at `(rows - 1) * stride + 2 c0 n <= src.len()` (asserted above).
                     let s = unsafe { src.as_ptr().add(t * stride + 2 * c0 * j + 2 * $bytes * b) };
-                    // SAFETY: bytes `t c0 + $bytes b ..+ $bytes` lie within the first `rows * c0`
-                    // bytes of the tile (asserted above).
-                    let d = unsafe { d.add(t * c0 + $bytes * b) };
+                    // SAFETY: bytes `j pitch + t c0 + $bytes b ..+ $bytes` end at most at
+                    // `(n - 1) pitch + rows c0 <= tiles.bytes.len()` (`Tiles::check`).
+                    let d = unsafe { d.add(j * pitch + t * c0 + $bytes * b) };
                     block(s, d);
                 }
             }
@@ -122,7 +150,7 @@ pub(super) fn pack_tiles_plain<T: Element, const CHECK: bool>(
     stride: usize,
     rows: usize,
     c0: usize,
-    tiles: &mut [&mut [u8]],
+    tiles: Tiles<'_>,
 ) -> u32 {
     tile_pairs(src, stride, rows, c0, tiles).fold(0, |bad, (s, d)| bad | pack_run_plain::<T, CHECK>(s, d))
 }

@@ -59,6 +59,9 @@ use x86 as isa;
 pub use codes::{fp4_code, fp4_value, int4_code, int4_value};
 pub use dispatch::{PARALLEL_THRESHOLD, force_avx2_path, force_plain_path, simd_path};
 pub use error::{LayoutError, PackError};
-pub use nd::{pack_fp4, pack_fp4_checked, pack_int4, pack_int4_checked};
-pub use nz::{GroupOffset, NzGeometry, nd_to_nz, nz_to_nd, pack_fp4_nz_checked, pack_int4_nz_checked};
+pub use nd::{check_fp4, check_int4, pack_fp4, pack_fp4_checked, pack_int4, pack_int4_checked};
+pub use nz::{
+    GroupOffset, NzGeometry, nd_to_nz, nz_to_nd, pack_fp4_nz_checked, pack_fp4_nz_checked_blocks, pack_int4_nz_checked,
+    pack_int4_nz_checked_blocks,
+};
 pub use unpack::{unpack_fp4, unpack_int4};

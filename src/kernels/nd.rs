@@ -92,7 +92,7 @@ pub fn pack_int4_checked(src: &[i32], out: &mut [u8]) -> Result<(), PackError> {
 }
 
 /// Packs FLOAT elements into FP4 E2M1 bytes with the operator's semantics
-/// (`out[i] = fp4_code(src[2i]) | fp4_code(src[2i+1]) << 4`, truncating table of [`fp4_code`]).
+/// (`out[i] = fp4_code(src[2i]) | fp4_code(src[2i+1]) << 4`, truncating table of [`fp4_code`](super::fp4_code)).
 ///
 /// Requires `src.len()` even and `out.len() == src.len() / 2`, otherwise returns a
 /// [`LayoutError`] without writing.
@@ -105,4 +105,22 @@ pub fn pack_fp4(src: &[f32], out: &mut [u8]) -> Result<(), LayoutError> {
 /// to [`pack_fp4`]'s; on a range error its contents are unspecified.
 pub fn pack_fp4_checked(src: &[f32], out: &mut [u8]) -> Result<(), PackError> {
     pack_checked_impl(src, out)
+}
+
+/// Checks that every element is in the INT4 range [-8, 7], without packing; reports the first
+/// that is not, exactly like [`pack_int4_checked`].
+pub fn check_int4(src: &[i32]) -> Result<(), PackError> {
+    match first_bad(src) {
+        Some(i) => Err(src[i].error(i)),
+        None => Ok(()),
+    }
+}
+
+/// Checks that every element is a finite value of magnitude at most 6.0, without packing;
+/// reports the first that is not, exactly like [`pack_fp4_checked`].
+pub fn check_fp4(src: &[f32]) -> Result<(), PackError> {
+    match first_bad(src) {
+        Some(i) => Err(src[i].error(i)),
+        None => Ok(()),
+    }
 }

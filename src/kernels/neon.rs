@@ -21,7 +21,7 @@
 use std::arch::aarch64::*;
 
 use super::codes::FP4_MAX_ABS_BITS;
-use super::dispatch::{Job, RunFn, TileFn, tile_pairs, walk_tiles};
+use super::dispatch::{Job, RunFn, TileFn, Tiles, tile_pairs, walk_tiles};
 use super::nd::pack_run_plain;
 
 /// A SIMD instruction set level with packers.
@@ -191,7 +191,7 @@ macro_rules! pack_neon {
 /// # Safety
 /// The CPU must support NEON. Panics if a slice of `job` is too short.
 #[target_feature(enable = "neon")]
-unsafe fn pack_i32_neon<const CHECK: bool>(job: Job<'_, '_, '_, i32>) -> u32 {
+unsafe fn pack_i32_neon<const CHECK: bool>(job: Job<'_, '_, i32>) -> u32 {
     let eight = vdupq_n_u8(8);
     let block = |v: [uint32x4_t; 8], _: &mut uint32x4_t, acc8: &mut uint8x16_t| {
         let (a, b) = ([v[0], v[1], v[2], v[3]], [v[4], v[5], v[6], v[7]]);
@@ -214,7 +214,7 @@ unsafe fn pack_i32_neon<const CHECK: bool>(job: Job<'_, '_, '_, i32>) -> u32 {
 /// # Safety
 /// The CPU must support NEON. Panics if a slice of `job` is too short.
 #[target_feature(enable = "neon")]
-unsafe fn pack_f32_neon<const CHECK: bool>(job: Job<'_, '_, '_, f32>) -> u32 {
+unsafe fn pack_f32_neon<const CHECK: bool>(job: Job<'_, '_, f32>) -> u32 {
     let k1ff = vdupq_n_u32(0x1FF);
     let kfc = vdupq_n_u32(0xFC);
     let one = vdupq_n_u32(1);

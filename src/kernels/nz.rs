@@ -1,8 +1,10 @@
 //! FRACTAL_NZ: the layout conversion on packed bytes and the fused pack-and-lay-out kernels.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
-use super::dispatch::{Element, PARALLEL_THRESHOLD};
+use super::dispatch::{Element, PARALLEL_THRESHOLD, Tiles};
 use super::error::{LayoutError, PackError};
 use super::nd::first_bad;
 
@@ -93,67 +95,87 @@ fn check_nz_lengths(geom: &NzGeometry, nd_len: usize, nz_len: usize) -> Result<(
     Ok(())
 }
 
-/// Writes every byte of a padded NZ buffer exactly once.
+/// Writes every byte of column blocks `first..first + out.len() / block_bytes` of a padded NZ
+/// buffer exactly once (column block `b` is `j = b % N1` of group `g = b / N1`; `out` holds
+/// whole blocks).
 ///
-/// For each 16-row block (`data_rows <= 16` rows from ND row `nd_row0 = g * rows + r0`) it calls
-/// `fill_tiles(nd_row0, data_rows, tiles)` for the block's first `N1 - 1` column blocks (it must
-/// fill rows `0..data_rows` of `tiles[j]` with bytes `j * c0..(j + 1) * c0` of those ND rows),
-/// then `fill(nd_row, first_byte_column, data)` for the last, possibly short, piece `data` of
-/// each row. Both return a flag that is OR-ed into the result. Padding is zeroed here.
-/// Requires a validated geometry and `out.len() == geom.total_bytes()`.
+/// For each 16-row block of a group (`data_rows <= 16` rows from ND row `nd_row0 = g * rows +
+/// r0`) it calls `fill_tiles(nd_row0, data_rows, j0 * c0, tiles)` for the full column blocks
+/// `j0..` of that group in `out` (it must fill rows `0..data_rows` of tile `i` with bytes
+/// `(j0 + i) * c0..(j0 + i + 1) * c0` of those ND rows), then, if `out` holds the group's last
+/// column block, `fill(nd_row, first_byte_column, data)` for the last, possibly short, piece
+/// `data` of each row. Both return a flag that is OR-ed into the result. Padding is zeroed
+/// here. Requires a validated geometry.
 ///
-/// The work unit is one 16-row block of one group, i.e. its `N1` tiles of `16 x c0` bytes. Each
-/// tile is written whole and in order (16 `c0`-byte rows, one contiguous 512-byte run for
-/// `c0 = 32`) before the next, so every destination cache line is written completely at once;
-/// the input is read once, as 16 interleaved sequential streams, and no index is computed per
-/// element. (Writing each source row's pieces into all `N1` tiles instead leaves half-written
-/// lines in tiles `K1 * 16 * c0` bytes apart, all in the same cache sets, which are evicted and
-/// re-read before the next row completes them.)
-fn fill_nz<F, R>(geom: &NzGeometry, out: &mut [u8], parallel: bool, fill: F, fill_tiles: R) -> u32
+/// Each tile (16 `c0`-byte rows, one contiguous 512-byte run for `c0 = 32`) is written whole
+/// and in order before the next, so every destination cache line is written completely at
+/// once; the input is read once, as 16 interleaved sequential streams, and no index is computed
+/// per element. (Writing each source row's pieces into all `N1` tiles instead leaves
+/// half-written lines in tiles `K1 * 16 * c0` bytes apart, all in the same cache sets, which
+/// are evicted and re-read before the next row completes them.) The parallel split is by
+/// column blocks: each task owns a contiguous part of `out`, and nothing is allocated.
+fn fill_nz<F, R>(geom: &NzGeometry, first: usize, out: &mut [u8], parallel: bool, fill: F, fill_tiles: R) -> u32
 where
     F: Fn(usize, usize, &mut [u8]) -> u32 + Sync,
-    R: Fn(usize, usize, &mut [&mut [u8]]) -> u32 + Sync,
+    R: Fn(usize, usize, usize, Tiles<'_>) -> u32 + Sync,
 {
-    debug_assert_eq!(out.len(), geom.total_bytes());
     if out.is_empty() {
         return 0;
     }
     // A non-empty `out` implies that c0, rows and row_bytes (so K1 and N1) are all non-zero.
     let (rows, row_bytes, c0, n1, k1) = (geom.rows, geom.row_bytes, geom.c0, geom.n1(), geom.k1());
-    let block = geom.block_bytes();
-    let tile_bytes = 16 * c0;
-    // tiles[(g * K1 + kb) * N1 + j] = rows [16 kb, 16 kb + 16) of column block j of group g.
-    let mut tiles: Vec<&mut [u8]> = Vec::new();
-    tiles.resize_with(out.len() / tile_bytes, Default::default);
-    for (b, blk) in out.chunks_exact_mut(block).enumerate() {
-        let (g, j) = (b / n1, b % n1);
-        for (kb, tile) in blk.chunks_exact_mut(tile_bytes).enumerate() {
-            tiles[(g * k1 + kb) * n1 + j] = tile;
-        }
-    }
+    let (block, tile_bytes) = (geom.block_bytes(), 16 * c0);
+    debug_assert_eq!(out.len() % block, 0);
     // Bytes of data in the last column block of a row (1..=c0).
     let last_len = row_bytes - (n1 - 1) * c0;
-    // One work unit: row block `u` (= g * K1 + kb) with its N1 tiles.
-    let unit = |u: usize, unit_tiles: &mut [&mut [u8]]| -> u32 {
-        let (g, r0) = (u / k1, (u % k1) * 16);
-        let data_rows = rows.saturating_sub(r0).min(16);
-        let (full, last) = unit_tiles.split_at_mut(n1 - 1);
-        let nd_row0 = g * rows + r0;
-        let mut bad = if full.is_empty() { 0 } else { fill_tiles(nd_row0, data_rows, full) };
-        for t in 0..data_rows {
-            let (data, pad) = last[0][t * c0..(t + 1) * c0].split_at_mut(last_len);
-            bad |= fill(nd_row0 + t, (n1 - 1) * c0, data);
-            pad.fill(0);
-        }
-        for tile in unit_tiles.iter_mut() {
-            tile[data_rows * c0..].fill(0);
+    // Column blocks `b0..` in `part` (whole blocks).
+    let run = |b0: usize, mut part: &mut [u8]| -> u32 {
+        let mut bad = 0;
+        let mut b = b0;
+        while !part.is_empty() {
+            let (g, j0) = (b / n1, b % n1);
+            let count = (n1 - j0).min(part.len() / block);
+            let (seg, rest) = std::mem::take(&mut part).split_at_mut(count * block);
+            let has_last = j0 + count == n1;
+            let full = count - usize::from(has_last);
+            for kb in 0..k1 {
+                let r0 = kb * 16;
+                let data_rows = rows.saturating_sub(r0).min(16);
+                let nd_row0 = g * rows + r0;
+                let at = kb * tile_bytes;
+                if full > 0 {
+                    let tiles = Tiles { bytes: &mut seg[at..], pitch: block, count: full };
+                    bad |= fill_tiles(nd_row0, data_rows, j0 * c0, tiles);
+                }
+                if has_last {
+                    let tile = &mut seg[full * block + at..][..tile_bytes];
+                    for t in 0..data_rows {
+                        let (data, pad) = tile[t * c0..(t + 1) * c0].split_at_mut(last_len);
+                        bad |= fill(nd_row0 + t, (n1 - 1) * c0, data);
+                        pad.fill(0);
+                    }
+                }
+                if data_rows < 16 {
+                    for i in 0..count {
+                        seg[i * block + at + data_rows * c0..][..(16 - data_rows) * c0].fill(0);
+                    }
+                }
+            }
+            part = rest;
+            b += count;
         }
         bad
     };
     if parallel {
-        tiles.par_chunks_mut(n1).enumerate().map(|(u, t)| unit(u, t)).reduce(|| 0, |a, b| a | b)
+        // About four tasks per thread.
+        let blocks = out.len() / block;
+        let per_task = blocks.div_ceil(4 * rayon::current_num_threads().max(1)).max(1);
+        out.par_chunks_mut(per_task * block)
+            .enumerate()
+            .map(|(i, part)| run(first + i * per_task, part))
+            .reduce(|| 0, |a, b| a | b)
     } else {
-        tiles.chunks_mut(n1).enumerate().fold(0, |bad, (u, t)| bad | unit(u, t))
+        run(first, out)
     }
 }
 
@@ -174,6 +196,7 @@ pub fn nd_to_nz(packed: &[u8], geom: NzGeometry, offset: GroupOffset, out: &mut 
         let c0 = geom.c0;
         fill_nz(
             &geom,
+            0,
             out,
             parallel,
             |nd_row, col, data| {
@@ -181,10 +204,12 @@ pub fn nd_to_nz(packed: &[u8], geom: NzGeometry, offset: GroupOffset, out: &mut 
                 data.copy_from_slice(&packed[s..s + data.len()]);
                 0
             },
-            |nd_row0, data_rows, tiles| {
-                for (j, tile) in tiles.iter_mut().enumerate() {
+            |nd_row0, data_rows, col0, tiles| {
+                tiles.check(data_rows, c0);
+                let Tiles { bytes, pitch, count } = tiles;
+                for (j, tile) in bytes.chunks_mut(pitch).take(count).enumerate() {
                     for (t, piece) in tile[..data_rows * c0].chunks_exact_mut(c0).enumerate() {
-                        let s = (nd_row0 + t) * nb + j * c0;
+                        let s = (nd_row0 + t) * nb + col0 + j * c0;
                         piece.copy_from_slice(&packed[s..s + c0]);
                     }
                 }
@@ -239,7 +264,12 @@ pub fn nz_to_nd(nz: &[u8], geom: NzGeometry, out: &mut [u8]) -> Result<(), Layou
     Ok(())
 }
 
-fn pack_nz_checked_impl<T: Element>(src: &[T], geom: NzGeometry, out: &mut [u8]) -> Result<(), PackError> {
+fn pack_nz_checked_impl<T: Element>(
+    src: &[T],
+    geom: NzGeometry,
+    blocks: Option<Range<usize>>,
+    out: &mut [u8],
+) -> Result<(), PackError> {
     geom.validate()?;
     let expected = geom.nd_bytes().saturating_mul(2);
     if src.len() != expected {
@@ -247,42 +277,115 @@ fn pack_nz_checked_impl<T: Element>(src: &[T], geom: NzGeometry, out: &mut [u8])
             LayoutError::new("source length in elements (groups * rows * row_bytes * 2)", expected, src.len()).into()
         );
     }
-    check_nz_lengths(&geom, geom.nd_bytes(), out.len())?;
+    let all = geom.groups.saturating_mul(geom.n1());
+    let blocks = match blocks {
+        None => {
+            check_nz_lengths(&geom, geom.nd_bytes(), out.len())?;
+            0..all
+        }
+        Some(blocks) => {
+            if blocks.start > blocks.end || blocks.end > all {
+                return Err(
+                    LayoutError::new("end of the column block range (at most groups * N1)", all, blocks.end).into()
+                );
+            }
+            let bytes = blocks.len().saturating_mul(geom.block_bytes());
+            if out.len() != bytes {
+                return Err(LayoutError::new("output length in bytes (blocks * K1 * 16 * c0)", bytes, out.len()).into());
+            }
+            blocks
+        }
+    };
     let nb = geom.row_bytes;
-    let parallel = src.len() >= PARALLEL_THRESHOLD;
+    let parallel = out.len().saturating_mul(2) >= PARALLEL_THRESHOLD;
     let (run, tile_run, c0) = (T::runner::<true>(), T::tile_runner::<true>(), geom.c0);
     let bad = fill_nz(
         &geom,
+        blocks.start,
         out,
         parallel,
         |nd_row, col, data| {
             let s = 2 * (nd_row * nb + col);
             run(&src[s..s + 2 * data.len()], data)
         },
-        |nd_row0, data_rows, tiles| tile_run(&src[2 * nd_row0 * nb..], 2 * nb, data_rows, c0, tiles),
+        |nd_row0, data_rows, col0, tiles| tile_run(&src[2 * (nd_row0 * nb + col0)..], 2 * nb, data_rows, c0, tiles),
     );
-    match if bad != 0 { first_bad(src) } else { None } {
+    let first = if bad == 0 {
+        None
+    } else if blocks == (0..all) {
+        first_bad(src)
+    } else {
+        first_bad_in_blocks(src, &geom, blocks)
+    };
+    match first {
         Some(i) => Err(src[i].error(i)),
         None => Ok(()),
     }
 }
 
+/// Index of the first (in element order) non-representable element among those that column
+/// blocks `blocks` hold. Requires a validated geometry with `src.len() == 2 * nd_bytes()`.
+fn first_bad_in_blocks<T: Element>(src: &[T], geom: &NzGeometry, blocks: Range<usize>) -> Option<usize> {
+    let (n1, rows, width) = (geom.n1(), geom.rows, 2 * geom.row_bytes);
+    if blocks.is_empty() || width == 0 {
+        return None;
+    }
+    let (first, last) = (blocks.start, blocks.end - 1);
+    for g in first / n1..=last / n1 {
+        let j0 = if g == first / n1 { first % n1 } else { 0 };
+        let j1 = if g == last / n1 { last % n1 + 1 } else { n1 };
+        let cols = (2 * geom.c0 * j0).min(width)..(2 * geom.c0 * j1).min(width);
+        for r in g * rows..(g + 1) * rows {
+            let row = &src[r * width..(r + 1) * width];
+            if let Some(i) = first_bad(&row[cols.clone()]) {
+                return Some(r * width + cols.start + i);
+            }
+        }
+    }
+    None
+}
+
 /// Packs INT32 elements (`groups x rows x 2*row_bytes`, row-major) to INT4 and lays them out as
 /// FRACTAL_NZ with [`GroupOffset::Padded`] in one pass, writing every byte of `out` once.
 ///
-/// Equals [`pack_int4_checked`] followed by [`nd_to_nz`]; reports the first element (in element
+/// Equals [`pack_int4_checked`](super::pack_int4_checked) followed by [`nd_to_nz`]; reports the first element (in element
 /// order) outside [-8, 7] as [`PackError::OutOfRange`] (then `out` is unspecified). Requires
 /// `geom.c0 > 0`, `src.len() == 2 * geom.nd_bytes()` and `out.len() == geom.total_bytes()`.
 pub fn pack_int4_nz_checked(src: &[i32], geom: NzGeometry, out: &mut [u8]) -> Result<(), PackError> {
-    pack_nz_checked_impl(src, geom, out)
+    pack_nz_checked_impl(src, geom, None, out)
+}
+
+/// [`pack_int4_nz_checked`] for a part of the NZ buffer: column blocks `blocks` (block `b` is
+/// column block `b % N1` of group `b / N1`; the NZ buffer is these blocks in order, each
+/// [`NzGeometry::block_bytes`] long) into `out` of `blocks.len() * block_bytes()` bytes. Packing
+/// a weight part by part (to upload one part while packing the next) gives the same bytes as
+/// one call. Reports the first out-of-range element (in element order) among the elements of
+/// these blocks.
+pub fn pack_int4_nz_checked_blocks(
+    src: &[i32],
+    geom: NzGeometry,
+    blocks: Range<usize>,
+    out: &mut [u8],
+) -> Result<(), PackError> {
+    pack_nz_checked_impl(src, geom, Some(blocks), out)
 }
 
 /// Packs FLOAT elements (`groups x rows x 2*row_bytes`, row-major) to FP4 E2M1 and lays them out
 /// as FRACTAL_NZ with [`GroupOffset::Padded`] in one pass, writing every byte of `out` once.
 ///
-/// Equals [`pack_fp4_checked`] followed by [`nd_to_nz`]; reports the first NaN, infinite or
+/// Equals [`pack_fp4_checked`](super::pack_fp4_checked) followed by [`nd_to_nz`]; reports the first NaN, infinite or
 /// |x| > 6.0 element as [`PackError::FloatOutOfRange`] (then `out` is unspecified). Requires
 /// `geom.c0 > 0`, `src.len() == 2 * geom.nd_bytes()` and `out.len() == geom.total_bytes()`.
 pub fn pack_fp4_nz_checked(src: &[f32], geom: NzGeometry, out: &mut [u8]) -> Result<(), PackError> {
-    pack_nz_checked_impl(src, geom, out)
+    pack_nz_checked_impl(src, geom, None, out)
+}
+
+/// [`pack_fp4_nz_checked`] for column blocks `blocks` only, like [`pack_int4_nz_checked_blocks`].
+pub fn pack_fp4_nz_checked_blocks(
+    src: &[f32],
+    geom: NzGeometry,
+    blocks: Range<usize>,
+    out: &mut [u8],
+) -> Result<(), PackError> {
+    pack_nz_checked_impl(src, geom, Some(blocks), out)
 }

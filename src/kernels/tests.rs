@@ -1,6 +1,6 @@
 //! Unit and property tests of the kernels against `reference` and the plain path.
 
-use super::dispatch::{Element, PAR_CHUNK, RunFn, TileFn, pack_tiles_plain};
+use super::dispatch::{Element, PAR_CHUNK, RunFn, TileFn, Tiles, pack_tiles_plain};
 use super::nd::pack_run_plain;
 use super::*;
 use proptest::prelude::*;
@@ -644,18 +644,21 @@ fn simd_tile_runners_match_plain() {
                         pad_f[e] = f32::NAN;
                     }
                 }
-                let fresh = || vec![vec![0x11u8; 16 * c0]; n1];
+                // The tiles are `pitch` bytes apart with a gap between them that must stay as is.
+                let pitch = 16 * c0 + 3;
+                let split = |a: Vec<u8>| -> Vec<Vec<u8>> {
+                    assert!(a.chunks(pitch).all(|t| t[16 * c0..].iter().all(|&b| b == 0x11)), "gap written");
+                    a.chunks(pitch).map(|t| t[..16 * c0].to_vec()).collect()
+                };
                 let run_i = |f: TileFn<i32>, src: &[i32]| {
-                    let mut a = fresh();
-                    let mut t: Vec<&mut [u8]> = a.iter_mut().map(|v| v.as_mut_slice()).collect();
-                    let flag = f(src, stride, rows, c0, &mut t) != 0;
-                    (flag, a)
+                    let mut a = vec![0x11u8; pitch * n1];
+                    let flag = f(src, stride, rows, c0, Tiles { bytes: &mut a, pitch, count: n1 }) != 0;
+                    (flag, split(a))
                 };
                 let run_f = |f: TileFn<f32>, src: &[f32]| {
-                    let mut a = fresh();
-                    let mut t: Vec<&mut [u8]> = a.iter_mut().map(|v| v.as_mut_slice()).collect();
-                    let flag = f(src, stride, rows, c0, &mut t) != 0;
-                    (flag, a)
+                    let mut a = vec![0x11u8; pitch * n1];
+                    let flag = f(src, stride, rows, c0, Tiles { bytes: &mut a, pitch, count: n1 }) != 0;
+                    (flag, split(a))
                 };
                 let plain_i =
                     [run_i(pack_tiles_plain::<i32, false>, &ints), run_i(pack_tiles_plain::<i32, true>, &ints)];
@@ -688,6 +691,35 @@ fn simd_tile_runners_match_plain() {
             }
         }
     }
+}
+
+#[test]
+fn nz_blocks_rejects_bad_ranges_and_finds_the_first_bad_of_its_part() {
+    let g = geom(2, 20, 70, 32); // N1 = 3, K1 = 2: six blocks of 1 KiB
+    let mut src = in_range_i32(2 * g.nd_bytes(), 5);
+    let block = g.block_bytes();
+    let mut out = vec![0u8; 2 * block];
+    let err = pack_int4_nz_checked_blocks(&src, g, 5..7, &mut out).unwrap_err();
+    assert!(matches!(err, PackError::Layout(LayoutError { expected: 6, actual: 7, .. })), "{err}");
+    #[allow(clippy::reversed_empty_ranges)]
+    let err = pack_int4_nz_checked_blocks(&src, g, 4..3, &mut out).unwrap_err();
+    assert!(matches!(err, PackError::Layout(_)), "{err}");
+    let err = pack_int4_nz_checked_blocks(&src, g, 1..4, &mut out).unwrap_err();
+    assert!(matches!(err, PackError::Layout(LayoutError { actual, .. }) if actual == 2 * block), "{err}");
+    assert_eq!(pack_int4_nz_checked_blocks(&src, g, 3..3, &mut []), Ok(()));
+    // Bad values at row 0, column 100 (block 1) and row 25 (group 1, row 5), column 3 (block 3).
+    let width = 2 * g.row_bytes;
+    src[100] = 9;
+    src[25 * width + 3] = -9;
+    let at = |index, value| Err(PackError::OutOfRange { index, value });
+    assert_eq!(pack_int4_nz_checked_blocks(&src, g, 0..1, &mut out[..block]), Ok(()));
+    assert_eq!(pack_int4_nz_checked_blocks(&src, g, 1..3, &mut out), at(100, 9));
+    assert_eq!(pack_int4_nz_checked_blocks(&src, g, 3..5, &mut out), at(25 * width + 3, -9));
+    assert_eq!(pack_int4_nz_checked_blocks(&src, g, 2..4, &mut out), at(25 * width + 3, -9));
+    let mut whole = vec![0u8; g.total_bytes()];
+    assert_eq!(pack_int4_nz_checked(&src, g, &mut whole), at(100, 9));
+    assert_eq!(check_int4(&src), at(100, 9));
+    assert!(matches!(check_fp4(&[0.0, 6.5]), Err(PackError::FloatOutOfRange { index: 1, .. })));
 }
 
 #[test]
@@ -901,6 +933,56 @@ proptest! {
             let mut nz = vec![0u8; g.total_bytes()];
             nd_to_nz(&packed, g, GroupOffset::Padded, &mut nz).unwrap();
             prop_assert_eq!(&fused, &nz);
+        }
+    }
+
+    #[test]
+    fn prop_nz_blocks_part_by_part_equal_one_call(
+        (g, src) in geom_and_ints(),
+        cuts in proptest::collection::vec(0usize..1000, 0..4),
+    ) {
+        // Any split of the column blocks into consecutive parts gives the whole call's bytes;
+        // each part reports the first bad element among its own elements.
+        let all = g.groups * g.n1();
+        let mut ends: Vec<usize> = cuts.iter().map(|c| c % (all + 1)).chain([all]).collect();
+        ends.sort_unstable();
+        let whole = {
+            let mut out = vec![0u8; g.total_bytes()];
+            pack_int4_nz_checked(&src, g, &mut out).map(|()| out)
+        };
+        let fp: Vec<f32> = src.iter().map(|&v| v as f32 * 0.75).collect();
+        let whole_fp = {
+            let mut out = vec![0u8; g.total_bytes()];
+            pack_fp4_nz_checked(&fp, g, &mut out).map(|()| out)
+        };
+        let (mut parts, mut parts_fp, mut first_error) = (Vec::new(), Vec::new(), None);
+        let mut start = 0;
+        for end in ends {
+            let mut out = vec![0xA5u8; (end - start) * g.block_bytes()];
+            match pack_int4_nz_checked_blocks(&src, g, start..end, &mut out) {
+                Ok(()) => parts.extend_from_slice(&out),
+                Err(PackError::OutOfRange { index, value }) => {
+                    // The element is bad, and it lies in one of this part's blocks.
+                    prop_assert!(int_bad(value as i32) && src[index] as i64 == value);
+                    let (row, col) = (index / (2 * g.row_bytes), index % (2 * g.row_bytes));
+                    let b = (row / g.rows) * g.n1() + col / (2 * g.c0);
+                    prop_assert!((start..end).contains(&b));
+                    first_error = first_error.or(Some(index));
+                }
+                Err(e) => prop_assert!(false, "unexpected {e}"),
+            }
+            let mut out = vec![0xA5u8; (end - start) * g.block_bytes()];
+            if pack_fp4_nz_checked_blocks(&fp, g, start..end, &mut out).is_ok() {
+                parts_fp.extend_from_slice(&out);
+            }
+            start = end;
+        }
+        match whole {
+            Ok(bytes) => prop_assert_eq!(bytes, parts),
+            Err(_) => prop_assert!(first_error.is_some()),
+        }
+        if let Ok(bytes) = whole_fp {
+            prop_assert_eq!(bytes, parts_fp);
         }
     }
 

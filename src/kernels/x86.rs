@@ -22,7 +22,7 @@
 use std::arch::x86_64::*;
 
 use super::codes::FP4_MAX_ABS_BITS;
-use super::dispatch::{Job, RunFn, TileFn, tile_pairs, walk_tiles};
+use super::dispatch::{Job, RunFn, TileFn, Tiles, tile_pairs, walk_tiles};
 use super::nd::pack_run_plain;
 
 /// A SIMD instruction set level with packers.
@@ -272,7 +272,7 @@ macro_rules! pack_avx512 {
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VBMI. Panics if a slice of `job` is too short.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-unsafe fn pack_i32_avx512<const CHECK: bool>(job: Job<'_, '_, '_, i32>) -> u32 {
+unsafe fn pack_i32_avx512<const CHECK: bool>(job: Job<'_, '_, i32>) -> u32 {
     let eight = _mm512_set1_epi32(8);
     let high = _mm512_set1_epi32(!0xF);
     let codes = |v: __m512i, acc: &mut __m512i| {
@@ -300,7 +300,7 @@ unsafe fn pack_i32_avx512<const CHECK: bool>(job: Job<'_, '_, '_, i32>) -> u32 {
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VBMI. Panics if a slice of `job` is too short.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-unsafe fn pack_f32_avx512<const CHECK: bool>(job: Job<'_, '_, '_, f32>) -> u32 {
+unsafe fn pack_f32_avx512<const CHECK: bool>(job: Job<'_, '_, f32>) -> u32 {
     let k1ff = _mm512_set1_epi32(0x1FF);
     let kfc = _mm512_set1_epi32(0xFC);
     let one = _mm512_set1_epi32(1);
@@ -487,7 +487,7 @@ macro_rules! pack_avx2 {
 /// # Safety
 /// The CPU must support AVX2. Panics if a slice of `job` is too short.
 #[target_feature(enable = "avx2")]
-unsafe fn pack_i32_avx2<const CHECK: bool>(job: Job<'_, '_, '_, i32>) -> u32 {
+unsafe fn pack_i32_avx2<const CHECK: bool>(job: Job<'_, '_, i32>) -> u32 {
     let mask = _mm256_set1_epi32(0xF);
     let eight = _mm256_set1_epi32(8);
     let high = _mm256_set1_epi32(!0xF);
@@ -527,7 +527,7 @@ unsafe fn pack_i32_avx2<const CHECK: bool>(job: Job<'_, '_, '_, i32>) -> u32 {
 /// # Safety
 /// The CPU must support AVX2. Panics if a slice of `job` is too short.
 #[target_feature(enable = "avx2")]
-unsafe fn pack_f32_avx2<const CHECK: bool>(job: Job<'_, '_, '_, f32>) -> u32 {
+unsafe fn pack_f32_avx2<const CHECK: bool>(job: Job<'_, '_, f32>) -> u32 {
     let k1ff = _mm256_set1_epi32(0x1FF);
     let kfc = _mm256_set1_epi32(0xFC);
     let one = _mm256_set1_epi32(1);

@@ -14,7 +14,7 @@ use aclnn_sys as sys;
 use crate::error::{Error, Result};
 use crate::kernels::{self, GroupOffset, NzGeometry, PackError};
 use crate::kit::Call;
-use crate::memory::DeviceBuffer;
+use crate::memory::{DeviceBuffer, PinnedHostBuffer};
 use crate::plan::Plan;
 use crate::soc::{ChipFamily, Container};
 use crate::stream::Stream;
@@ -430,48 +430,165 @@ fn check_len(len: usize, layout: &PackLayout) -> Result<()> {
 /// The host fast path for int4 weights: checks every value is in [-8, 7] (fused into the pack),
 /// packs and lays out on the host, and uploads only the packed bytes (1/8 of the input) to a
 /// new buffer on `stream`. Produces the same bytes as [`convert_weight_to_int4_pack`].
+///
+/// A one-off [`HostPacker`]; to pack many weights, keep one and its staging buffers.
 pub fn pack_int4_on_host(
     stream: &Arc<Stream>,
     weights: &[i32],
     shape: &[i64],
     options: PackOptions,
 ) -> Result<PackedWeight> {
-    pack_on_host(stream, weights.len(), shape, WeightKind::Int4, options, |layout, bytes| match layout.nz {
-        Some(geom) => kernels::pack_int4_nz_checked(weights, geom, bytes),
-        None => kernels::pack_int4_checked(weights, bytes),
-    })
+    HostPacker::new(stream).pack_int4(weights, shape, options)
 }
 
 /// The host fast path for FP4 weights (`f32` values carrying E2M1 numbers): rejects non-finite
 /// values and values beyond ±6, packs with the operator's truncating code table, uploads only
 /// the packed bytes. Produces the same bytes as [`convert_weight_to_int4_pack`].
+///
+/// A one-off [`HostPacker`]; to pack many weights, keep one and its staging buffers.
 pub fn pack_fp4_on_host(
     stream: &Arc<Stream>,
     weights: &[f32],
     shape: &[i64],
     options: PackOptions,
 ) -> Result<PackedWeight> {
-    pack_on_host(stream, weights.len(), shape, WeightKind::Fp4, options, |layout, bytes| match layout.nz {
-        Some(geom) => kernels::pack_fp4_nz_checked(weights, geom, bytes),
-        None => kernels::pack_fp4_checked(weights, bytes),
-    })
+    HostPacker::new(stream).pack_fp4(weights, shape, options)
 }
 
-/// The host fast path shared by both weight kinds: plan the layout, check the value count, run
-/// the checked kernel into a host buffer, upload only the packed bytes.
-fn pack_on_host(
-    stream: &Arc<Stream>,
-    len: usize,
-    shape: &[i64],
+/// Packed bytes per staging chunk of a [`HostPacker`] by default: 4 MiB (32 MiB of `int32`
+/// input), large enough for the kernels to use every core, small enough that the upload of the
+/// last chunk, the only one not hidden behind packing, is short.
+pub const HOST_CHUNK_BYTES: usize = 4 << 20;
+
+/// The host packing path with reusable page-locked staging.
+///
+/// A weight is packed chunk by chunk (runs of whole bytes in ND, whole FRACTAL_NZ column blocks
+/// in NZ) straight into one of two pinned buffers, and each chunk's upload is queued on the
+/// stream as soon as it is packed, so that it runs while the next chunk is packed. Per weight
+/// that is one read of the input, one write of the packed bytes and one DMA: no intermediate
+/// `Vec`, no second host copy. A staging buffer is refilled only after its previous upload has
+/// finished (its marks make the host wait), and the returned weight carries the marks of its
+/// uploads, so later work on any stream of the device is ordered after them without a host
+/// synchronize.
+///
+/// The staging buffers grow to at most two chunks and are kept for the next weight; they are
+/// freed (after their last upload) when the packer is dropped.
+pub struct HostPacker {
+    stream: Arc<Stream>,
+    chunk_bytes: usize,
+    slots: [Option<PinnedHostBuffer<u8>>; 2],
+    next: usize,
+}
+
+impl HostPacker {
+    /// A packer uploading on `stream`, with chunks of [`HOST_CHUNK_BYTES`].
+    pub fn new(stream: &Arc<Stream>) -> Self {
+        Self::with_chunk_bytes(stream, HOST_CHUNK_BYTES)
+    }
+
+    /// A packer with chunks of about `chunk_bytes` packed bytes (rounded down to whole NZ column
+    /// blocks, at least one block or one byte).
+    pub fn with_chunk_bytes(stream: &Arc<Stream>, chunk_bytes: usize) -> Self {
+        HostPacker { stream: stream.clone(), chunk_bytes: chunk_bytes.max(1), slots: [None, None], next: 0 }
+    }
+
+    /// The stream the uploads are queued on.
+    pub fn stream(&self) -> &Arc<Stream> {
+        &self.stream
+    }
+
+    /// Bytes of pinned host memory the packer holds now.
+    pub fn staging_bytes(&self) -> usize {
+        self.slots.iter().flatten().map(PinnedHostBuffer::len).sum()
+    }
+
+    /// Packs int4 weights (`int32` values in [-8, 7]) like [`pack_int4_on_host`].
+    pub fn pack_int4(&mut self, weights: &[i32], shape: &[i64], options: PackOptions) -> Result<PackedWeight> {
+        let parts = Parts {
+            kind: WeightKind::Int4,
+            nd: kernels::pack_int4_checked,
+            nz: kernels::pack_int4_nz_checked_blocks,
+            check: kernels::check_int4,
+        };
+        self.pack(weights, shape, options, parts)
+    }
+
+    /// Packs FP4 weights (`f32` values carrying E2M1 numbers) like [`pack_fp4_on_host`].
+    pub fn pack_fp4(&mut self, weights: &[f32], shape: &[i64], options: PackOptions) -> Result<PackedWeight> {
+        let parts = Parts {
+            kind: WeightKind::Fp4,
+            nd: kernels::pack_fp4_checked,
+            nz: kernels::pack_fp4_nz_checked_blocks,
+            check: kernels::check_fp4,
+        };
+        self.pack(weights, shape, options, parts)
+    }
+
+    fn pack<T>(&mut self, weights: &[T], shape: &[i64], options: PackOptions, parts: Parts<T>) -> Result<PackedWeight> {
+        let layout = PackLayout::new(shape, parts.kind, options, chip_family(&self.stream)?)?;
+        check_len(weights.len(), &layout)?;
+        let stream = self.stream.clone();
+        let mut buffer = DeviceBuffer::<u8>::alloc(&stream, layout.bytes)?;
+        // A chunk is whole units: bytes in ND (byte `b` holds elements 2b and 2b + 1), column
+        // blocks in NZ (contiguous in the NZ buffer).
+        let unit = layout.nz.map_or(1, |geom| geom.block_bytes().max(1));
+        let chunk = (self.chunk_bytes / unit).max(1) * unit;
+        let mut start = 0;
+        while start < layout.bytes {
+            let end = start.saturating_add(chunk).min(layout.bytes);
+            let len = end - start;
+            let slot = self.slot(len)?;
+            // Waits (on the host) only for this slot's previous upload, two chunks ago.
+            let staging = &mut slot.as_mut_slice()?[..len];
+            let packed = match layout.nz {
+                Some(geom) => (parts.nz)(weights, geom, start / unit..end / unit, staging),
+                None => (parts.nd)(&weights[2 * start..2 * end], staging),
+            };
+            if let Err(e) = packed {
+                // A chunk sees only its part: report the whole weight's first bad element.
+                return Err(pack_error((parts.check)(weights).err().unwrap_or(e)));
+            }
+            buffer.copy_from_pinned_async_into(start, slot, 0..len, &stream)?;
+            start = end;
+        }
+        Ok(PackedWeight { buffer, layout })
+    }
+
+    /// The next staging buffer, with room for at least `len` bytes.
+    fn slot(&mut self, len: usize) -> Result<&mut PinnedHostBuffer<u8>> {
+        let i = self.next;
+        self.next = 1 - i;
+        let slot = &mut self.slots[i];
+        if slot.as_ref().is_none_or(|s| s.len() < len) {
+            // Dropping a smaller buffer waits for its last upload first.
+            *slot = None;
+            *slot = Some(PinnedHostBuffer::zeroed(self.stream.device(), len)?);
+        }
+        Ok(slot.as_mut().expect("allocated above"))
+    }
+}
+
+impl std::fmt::Debug for HostPacker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostPacker")
+            .field("chunk_bytes", &self.chunk_bytes)
+            .field("staging_bytes", &self.staging_bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a kernel returns.
+type KernelResult = std::result::Result<(), PackError>;
+
+/// The kernels a [`HostPacker`] uses for one element type.
+struct Parts<T: 'static> {
     kind: WeightKind,
-    options: PackOptions,
-    pack: impl FnOnce(&PackLayout, &mut [u8]) -> std::result::Result<(), PackError>,
-) -> Result<PackedWeight> {
-    let layout = PackLayout::new(shape, kind, options, chip_family(stream)?)?;
-    check_len(len, &layout)?;
-    let mut bytes = vec![0u8; layout.bytes];
-    pack(&layout, &mut bytes).map_err(pack_error)?;
-    Ok(PackedWeight { buffer: DeviceBuffer::from_host(stream, &bytes)?, layout })
+    /// Packs a run of elements into ND bytes.
+    nd: fn(&[T], &mut [u8]) -> KernelResult,
+    /// Packs a range of FRACTAL_NZ column blocks.
+    nz: fn(&[T], NzGeometry, std::ops::Range<usize>, &mut [u8]) -> KernelResult,
+    /// Finds the first bad element of the whole weight.
+    check: fn(&[T]) -> KernelResult,
 }
 
 /// Packs on the host with the operator's exact semantics (masking, no range check, CANN's 3D NZ
