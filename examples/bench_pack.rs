@@ -597,6 +597,75 @@ fn traffic(k: usize, n: usize) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The host path end to end on the simulated device: pack + upload (until the stream has run
+/// the copies) against the pack alone into a reused buffer, each timed alternately with it.
+/// Rows: the previous design (a zeroed `Vec`, the kernel, a synchronous upload), a one-off
+/// `pack_int4_on_host`, and a reused `HostPacker` (chunks packed into pinned staging and
+/// uploaded while the next is packed).
+fn host_path(k: usize, n: usize, runs: usize, flusher: &mut Flusher) -> Result<(), BoxError> {
+    let ints = int_input(k * n);
+    let runtime = Runtime::new(Backend::sim(aclnn::sim::SimConfig::default())?)?;
+    let device = runtime.device(0)?;
+    let stream = device.new_stream()?;
+    let shape = [k as i64, n as i64];
+    println!();
+    println!("== host path end to end, int32 weight {k} x {n} ({} backend) ==", runtime.backend_name());
+    println!("(the simulator runs each upload as a host memcpy when the stream is synchronized; on a card the");
+    println!(" DMA engine runs it while the host packs the next chunk)");
+    println!("{:<58} {:>12} {:>9}", "path", "median", "vs pack");
+    for format in [Format::Nd, Format::FractalNz] {
+        let options = PackOptions { format, ..PackOptions::default() };
+        let layout = int4pack::PackLayout::new(&shape, int4pack::WeightKind::Int4, options, aclnn::ChipFamily::A2A3)?;
+        let mut out = vec![0u8; layout.bytes];
+        let pack = |dst: &mut [u8]| match layout.nz {
+            Some(geom) => kernels::pack_int4_nz_checked(black_box(&ints), geom, dst).unwrap(),
+            None => kernels::pack_int4_checked(black_box(&ints), dst).unwrap(),
+        };
+        let mut alone = || pack(&mut out);
+        let alone_t = measure(runs, flusher, None, &mut alone);
+        println!("{:<58} {:>12.3?} {:>9.2}", format!("pack alone (into a reused buffer), {format:?}"), alone_t, 1.0);
+        let mut packer = int4pack::HostPacker::new(&stream);
+        let mut previous = || {
+            let mut v = vec![0u8; layout.bytes];
+            pack(&mut v);
+            black_box(DeviceBuffer::from_host(&stream, &v).unwrap());
+        };
+        let mut one_off = || {
+            let w = int4pack::pack_int4_on_host(&stream, &ints, &shape, options).unwrap();
+            stream.synchronize().unwrap();
+            black_box(w);
+        };
+        let mut reused = || {
+            let w = packer.pack_int4(&ints, &shape, options).unwrap();
+            stream.synchronize().unwrap();
+            black_box(w);
+        };
+        let staged = aclnn::PinnedHostBuffer::from_slice(&device, &out)?;
+        let mut upload_alone = || {
+            let mut w = DeviceBuffer::<u8>::alloc(&stream, layout.bytes).unwrap();
+            w.copy_from_pinned_async_on(&staged, &stream).unwrap();
+            stream.synchronize().unwrap();
+            black_box(w);
+        };
+        let rows: [(&str, &mut (dyn FnMut() + Send)); 4] = [
+            ("upload alone (new device buffer, one pinned copy)", &mut upload_alone),
+            ("zeroed Vec + pack + synchronous upload (previous)", &mut previous),
+            ("pack_int4_on_host (one-off HostPacker)", &mut one_off),
+            ("HostPacker reused (4 MiB chunks, pinned, overlapped)", &mut reused),
+        ];
+        for (name, f) in rows {
+            let mut floor = || pack(&mut out);
+            let (t, floor_t) = measure_pair(runs, flusher, None, &mut floor, f);
+            println!("{:<58} {:>12.3?} {:>9.2}", format!("{name}, {format:?}"), t, ratio(t, floor_t));
+        }
+    }
+    Ok(())
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(1e-12)
+}
+
 fn main() -> Result<(), BoxError> {
     let opts = parse_args()?;
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
@@ -617,6 +686,8 @@ fn main() -> Result<(), BoxError> {
     threshold(opts.runs, &one);
     let (k, n) = if opts.full { (4096, 11008) } else { (256, 2048) };
     traffic(k, n)?;
+    let &(k, n) = opts.sizes.iter().max_by_key(|(k, n)| k * n).expect("at least one size");
+    host_path(k, n, opts.runs, &mut flusher)?;
     Ok(())
 }
 

@@ -204,6 +204,43 @@ pub fn simd_path() -> &'static str {
     "plain"
 }
 
+/// Unpacks INT4 bytes: `unpack(packed, out, stream)` writes the two sign-extended values of
+/// every byte of `packed` (low nibble first) to `out` (`2 * packed.len()` elements); with
+/// `stream`, where the output is suitably aligned, with non-temporal stores (no read for
+/// ownership, nothing left in the cache: for outputs larger than the last-level cache).
+pub(super) type UnpackFn = fn(&[u8], &mut [i32], bool);
+
+/// The best INT4 unpacker for this CPU (SIMD if detected and not disabled, else plain).
+pub(super) fn int_unpacker() -> UnpackFn {
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    if let Some(f) = isa_level().and_then(isa::int_unpacker) {
+        return f;
+    }
+    super::unpack::unpack_int4_plain
+}
+
+/// Size of the last-level cache in bytes (Linux sysfs; 32 MiB where unknown), read once.
+pub(super) fn llc_bytes() -> usize {
+    static LLC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LLC.get_or_init(|| {
+        (0..8)
+            .rev()
+            .filter_map(|i| std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size")).ok())
+            .find_map(|s| {
+                let s = s.trim();
+                let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+                let n: usize = digits.parse().ok()?;
+                Some(match unit {
+                    "K" => n << 10,
+                    "M" => n << 20,
+                    "G" => n << 30,
+                    _ => n,
+                })
+            })
+            .unwrap_or(32 << 20)
+    })
+}
+
 /// An element type that can be packed into a nibble.
 pub(super) trait Element: Copy + Send + Sync + 'static {
     /// The operator's 4-bit code.

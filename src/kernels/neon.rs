@@ -21,8 +21,9 @@
 use std::arch::aarch64::*;
 
 use super::codes::FP4_MAX_ABS_BITS;
-use super::dispatch::{Job, RunFn, TileFn, Tiles, tile_pairs, walk_tiles};
+use super::dispatch::{Job, RunFn, TileFn, Tiles, UnpackFn, tile_pairs, walk_tiles};
 use super::nd::pack_run_plain;
+use super::unpack::unpack_int4_plain;
 
 /// A SIMD instruction set level with packers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +95,47 @@ pub(super) fn fp4_tile_runner<const CHECK: bool>(level: Level) -> Option<TileFn<
         // SAFETY: as in `int_runner`: created only after NEON was detected.
         unsafe { pack_f32_neon::<CHECK>(Job::Tiles { src, stride, rows, c0, tiles }) }
     })
+}
+
+/// The INT4 unpacker (see `super::dispatch::UnpackFn`) of `level`, if the CPU supports it.
+pub(super) fn int_unpacker(level: Level) -> Option<UnpackFn> {
+    if !level.detected() {
+        return None;
+    }
+    // SAFETY: as in `int_runner`: created only after NEON was detected.
+    Some(|p, o, _stream| unsafe { unpack_i32_neon(p, o) })
+}
+
+/// NEON INT4 unpacker: per 16 packed bytes, the nibbles are split (`and`, `ushr #4`),
+/// interleaved low first (`zip1` / `zip2`), sign-extended (`(x ^ 8) - 8`) and widened
+/// (`sxtl` twice) to 32 values. NEON has no non-temporal store intrinsic, so streaming is not
+/// offered.
+///
+/// # Safety
+/// The CPU must support NEON. Panics if `out.len() != 2 * packed.len()`.
+#[target_feature(enable = "neon")]
+unsafe fn unpack_i32_neon(packed: &[u8], out: &mut [i32]) {
+    assert_eq!(out.len(), 2 * packed.len(), "unpack lengths");
+    let (low, eight) = (vdupq_n_u8(0x0F), vdupq_n_u8(8));
+    let mut p16 = packed.chunks_exact(16);
+    let mut o32 = out.chunks_exact_mut(32);
+    for (p, o) in (&mut p16).zip(&mut o32) {
+        // SAFETY: `p` is 16 readable bytes; `vld1q_u8` has no alignment requirement.
+        let x = unsafe { vld1q_u8(p.as_ptr()) };
+        let (lo, hi) = (vandq_u8(x, low), vshrq_n_u8::<4>(x));
+        let extend = |v: uint8x16_t| vreinterpretq_s8_u8(vsubq_u8(veorq_u8(v, eight), eight));
+        let d = o.as_mut_ptr();
+        for (k, b) in [extend(vzip1q_u8(lo, hi)), extend(vzip2q_u8(lo, hi))].into_iter().enumerate() {
+            let (w0, w1) = (vmovl_s8(vget_low_s8(b)), vmovl_high_s8(b));
+            let v = [vmovl_s16(vget_low_s16(w0)), vmovl_high_s16(w0), vmovl_s16(vget_low_s16(w1)), vmovl_high_s16(w1)];
+            for (i, v) in v.into_iter().enumerate() {
+                // SAFETY: values `16 k + 4 i ..+ 4` lie within the 32 of `o`; `vst1q_s32` needs
+                // only element alignment, which `&mut [i32]` has.
+                unsafe { vst1q_s32(d.add(16 * k + 4 * i), v) };
+            }
+        }
+    }
+    unpack_int4_plain(p16.remainder(), o32.into_remainder(), false);
 }
 
 /// Low byte of each of the 16 32-bit lanes of `v` (truncating narrow: two rounds of `uzp1`).

@@ -1,7 +1,8 @@
 //! Unit and property tests of the kernels against `reference` and the plain path.
 
-use super::dispatch::{Element, PAR_CHUNK, RunFn, TileFn, Tiles, pack_tiles_plain};
+use super::dispatch::{Element, PAR_CHUNK, RunFn, TileFn, Tiles, UnpackFn, pack_tiles_plain};
 use super::nd::pack_run_plain;
+use super::unpack::unpack_int4_plain;
 use super::*;
 use proptest::prelude::*;
 
@@ -618,6 +619,40 @@ fn simd_runners_match_plain_all_lengths_and_bad_positions() {
     }
     #[cfg(target_arch = "aarch64")]
     assert!(!ints.is_empty());
+}
+
+fn unpackers() -> Vec<UnpackFn> {
+    let mut v = Vec::new();
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    for level in isa::Level::ALL {
+        v.extend(isa::int_unpacker(level));
+    }
+    v
+}
+
+#[test]
+fn simd_unpackers_match_plain_all_lengths_alignments_and_streaming() {
+    let fns = unpackers();
+    assert_eq!(fns.len(), simd_levels());
+    let bytes: Vec<u8> = lcg_values(400, 9).into_iter().map(|x| (x >> 56) as u8).collect();
+    for len in (0..200).chain([255, 256, 257, 399, 400]) {
+        let p = &bytes[..len];
+        let mut plain = vec![0i32; 2 * len];
+        unpack_int4_plain(p, &mut plain, false);
+        assert_eq!(plain, reference::unpack_int4(p), "plain, {len} bytes");
+        for f in &fns {
+            for stream in [false, true] {
+                // Every 4-byte offset within a 64-byte line, so streaming meets every alignment.
+                for shift in 0..17 {
+                    let mut buf = vec![0x5A5A_5A5Ai32; 2 * len + 40];
+                    f(p, &mut buf[shift..shift + 2 * len], stream);
+                    let ctx = format!("{len} bytes, shift {shift}, stream {stream}");
+                    assert_eq!(&buf[shift..shift + 2 * len], &plain[..], "{ctx}");
+                    assert!(buf[..shift].iter().chain(&buf[shift + 2 * len..]).all(|&v| v == 0x5A5A_5A5A), "{ctx}");
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::codes::{fp4_value, int4_value};
-use super::dispatch::{PARALLEL_THRESHOLD, par_chunk};
+use super::dispatch::{PARALLEL_THRESHOLD, int_unpacker, llc_bytes, par_chunk};
 use super::error::LayoutError;
 
 fn check_unpack_lengths(packed_len: usize, out_len: usize) -> Result<(), LayoutError> {
@@ -14,13 +14,22 @@ fn check_unpack_lengths(packed_len: usize, out_len: usize) -> Result<(), LayoutE
     Ok(())
 }
 
-fn unpack_impl<T: Send>(packed: &[u8], out: &mut [T], value: impl Fn(u8) -> T + Sync) {
-    let run = |p: &[u8], o: &mut [T]| {
-        for (&b, pair) in p.iter().zip(o.chunks_exact_mut(2)) {
-            pair[0] = value(b & 0xF);
-            pair[1] = value(b >> 4);
-        }
-    };
+/// The plain unpack loop: two values per byte, low nibble first.
+#[inline]
+fn unpack_run<T>(p: &[u8], o: &mut [T], value: impl Fn(u8) -> T) {
+    for (&b, pair) in p.iter().zip(o.chunks_exact_mut(2)) {
+        pair[0] = value(b & 0xF);
+        pair[1] = value(b >> 4);
+    }
+}
+
+/// The plain [`UnpackFn`] (ordinary stores).
+pub(super) fn unpack_int4_plain(packed: &[u8], out: &mut [i32], _stream: bool) {
+    unpack_run(packed, out, |n| i32::from(int4_value(n)));
+}
+
+/// Runs `run(packed part, out part)` over the input, split across the pool when large.
+fn split<T: Send>(packed: &[u8], out: &mut [T], run: impl Fn(&[u8], &mut [T]) + Sync) {
     if out.len() >= PARALLEL_THRESHOLD {
         let chunk = par_chunk(out.len());
         packed.par_chunks(chunk / 2).zip(out.par_chunks_mut(chunk)).for_each(|(p, o)| run(p, o));
@@ -34,7 +43,10 @@ fn unpack_impl<T: Send>(packed: &[u8], out: &mut [T], value: impl Fn(u8) -> T + 
 /// Requires `out.len() == 2 * packed.len()`, otherwise returns a [`LayoutError`].
 pub fn unpack_int4(packed: &[u8], out: &mut [i32]) -> Result<(), LayoutError> {
     check_unpack_lengths(packed.len(), out.len())?;
-    unpack_impl(packed, out, |n| i32::from(int4_value(n)));
+    let unpack = int_unpacker();
+    // Outputs larger than the last-level cache would only evict other data on their way out.
+    let stream = std::mem::size_of_val(out) >= llc_bytes();
+    split(packed, out, |p, o| unpack(p, o, stream));
     Ok(())
 }
 
@@ -43,6 +55,6 @@ pub fn unpack_int4(packed: &[u8], out: &mut [i32]) -> Result<(), LayoutError> {
 /// Requires `out.len() == 2 * packed.len()`, otherwise returns a [`LayoutError`].
 pub fn unpack_fp4(packed: &[u8], out: &mut [f32]) -> Result<(), LayoutError> {
     check_unpack_lengths(packed.len(), out.len())?;
-    unpack_impl(packed, out, fp4_value);
+    split(packed, out, |p, o| unpack_run(p, o, fp4_value));
     Ok(())
 }

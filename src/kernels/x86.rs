@@ -22,8 +22,9 @@
 use std::arch::x86_64::*;
 
 use super::codes::FP4_MAX_ABS_BITS;
-use super::dispatch::{Job, RunFn, TileFn, Tiles, tile_pairs, walk_tiles};
+use super::dispatch::{Job, RunFn, TileFn, Tiles, UnpackFn, tile_pairs, walk_tiles};
 use super::nd::pack_run_plain;
+use super::unpack::unpack_int4_plain;
 
 /// A SIMD instruction set level with packers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +128,117 @@ pub(super) fn fp4_tile_runner<const CHECK: bool>(level: Level) -> Option<TileFn<
         },
     };
     Some(f)
+}
+
+/// The INT4 unpacker (see `super::dispatch::UnpackFn`) of `level`, if the CPU supports it.
+pub(super) fn int_unpacker(level: Level) -> Option<UnpackFn> {
+    if !level.detected() {
+        return None;
+    }
+    let f: UnpackFn = match level {
+        // SAFETY: as in `int_runner`: created only after the level was detected.
+        Level::Avx512 => |p, o, stream| unsafe { unpack_i32_avx512(p, o, stream) },
+        // SAFETY: as in `int_runner`.
+        Level::Avx2 => |p, o, stream| unsafe { unpack_i32_avx2(p, o, stream) },
+    };
+    Some(f)
+}
+
+/// The 32 INT4 values of 16 packed bytes as sign-extended bytes, in element order: elements
+/// 0..16 and 16..32 (nibbles split, interleaved low first, then `(x ^ 8) - 8`).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn int4_bytes(x: __m128i) -> [__m128i; 2] {
+    let low = _mm_set1_epi8(0x0F);
+    let eight = _mm_set1_epi8(8);
+    let lo = _mm_and_si128(x, low);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), low);
+    let extend = |v: __m128i| _mm_sub_epi8(_mm_xor_si128(v, eight), eight);
+    [extend(_mm_unpacklo_epi8(lo, hi)), extend(_mm_unpackhi_epi8(lo, hi))]
+}
+
+/// Expands, inside a SIMD function, to an INT4 unpack of `$packed` into `$out`: the plain path
+/// up to the first 64-byte aligned output position (when streaming), then 16 bytes to 32
+/// values at a time with `$store(bytes, dst, stream)`, then the plain tail, and a store fence
+/// after non-temporal stores. Streaming needs the output 8-byte aligned (so whole bytes reach
+/// 64-byte boundaries); otherwise ordinary stores are used.
+macro_rules! unpack_x86 {
+    ($packed:expr, $out:expr, $stream:expr, $store:expr) => {{
+        let (packed, out): (&[u8], &mut [i32]) = ($packed, $out);
+        assert_eq!(out.len(), 2 * packed.len(), "unpack lengths");
+        let addr = out.as_ptr() as usize;
+        let stream = $stream && addr.is_multiple_of(8);
+        let head = if stream { ((64 - addr % 64) % 64 / 8).min(packed.len()) } else { 0 };
+        let (head_p, packed) = packed.split_at(head);
+        let (head_o, out) = out.split_at_mut(2 * head);
+        unpack_int4_plain(head_p, head_o, false);
+        let mut p16 = packed.chunks_exact(16);
+        let mut o32 = out.chunks_exact_mut(32);
+        for (p, o) in (&mut p16).zip(&mut o32) {
+            // SAFETY: `p` is 16 readable bytes; the unaligned load has no alignment requirement.
+            let x = unsafe { _mm_loadu_si128(p.as_ptr().cast()) };
+            $store(int4_bytes(x), o, stream);
+        }
+        unpack_int4_plain(p16.remainder(), o32.into_remainder(), false);
+        if stream {
+            // Non-temporal stores are weakly ordered: make them visible before returning.
+            _mm_sfence();
+        }
+    }};
+}
+
+/// AVX-512 INT4 unpacker: 32 values (128 bytes) per 16 packed bytes with two `vpmovsxbd`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW. Panics if `out.len() != 2 * packed.len()`.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn unpack_i32_avx512(packed: &[u8], out: &mut [i32], stream: bool) {
+    let store = |b: [__m128i; 2], o: &mut [i32], stream: bool| {
+        let v = [_mm512_cvtepi8_epi32(b[0]), _mm512_cvtepi8_epi32(b[1])];
+        let d = o.as_mut_ptr();
+        for (k, v) in v.into_iter().enumerate() {
+            if stream {
+                // SAFETY: `o` is 32 writable values; with `stream` they start on a 64-byte
+                // boundary (every block is 128 bytes from the aligned start), as
+                // `vmovntdq` requires.
+                unsafe { _mm512_stream_si512(d.add(16 * k).cast(), v) };
+            } else {
+                // SAFETY: `o` is 32 writable values; the unaligned store has no alignment
+                // requirement.
+                unsafe { _mm512_storeu_si512(d.add(16 * k).cast(), v) };
+            }
+        }
+    };
+    unpack_x86!(packed, out, stream, store)
+}
+
+/// AVX2 INT4 unpacker: 32 values (128 bytes) per 16 packed bytes with four `vpmovsxbd`.
+///
+/// # Safety
+/// The CPU must support AVX2. Panics if `out.len() != 2 * packed.len()`.
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_i32_avx2(packed: &[u8], out: &mut [i32], stream: bool) {
+    let store = |b: [__m128i; 2], o: &mut [i32], stream: bool| {
+        let v = [
+            _mm256_cvtepi8_epi32(b[0]),
+            _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(b[0])),
+            _mm256_cvtepi8_epi32(b[1]),
+            _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(b[1])),
+        ];
+        let d = o.as_mut_ptr();
+        for (k, v) in v.into_iter().enumerate() {
+            if stream {
+                // SAFETY: `o` is 32 writable values; with `stream` they start on a 64-byte
+                // boundary, so each 32-byte store is aligned as `vmovntdq` requires.
+                unsafe { _mm256_stream_si256(d.add(8 * k).cast(), v) };
+            } else {
+                // SAFETY: `o` is 32 writable values; the unaligned store has no alignment
+                // requirement.
+                unsafe { _mm256_storeu_si256(d.add(8 * k).cast(), v) };
+            }
+        }
+    };
+    unpack_x86!(packed, out, stream, store)
 }
 
 // ---------------------------------------------------------------------------------------------
