@@ -113,9 +113,12 @@ pub(super) enum Job<'s, 't, T> {
 /// (`c0 % $bytes == 0`) with pointer arithmetic after one bounds check per call: for every tile,
 /// row and block, in destination order, `$block(s, d)` must pack the `2 * $bytes` elements at
 /// `s` into the `$bytes` bytes at `d`. Both pointers are valid for that many elements / bytes;
-/// panics if `$src` or a tile is too short. Shared by every instruction set's packers.
+/// panics if `$src` or a tile is too short. With `$ahead > 0`, each row piece's source lines
+/// `$ahead` tiles further on are handed to `$prefetch` first (addresses only, possibly past the
+/// end of `$src`, never dereferenced here): packers with more arithmetic per line than memory
+/// latency can hide use it. Shared by every instruction set's packers.
 macro_rules! walk_tiles {
-    ($src:expr, $stride:expr, $rows:expr, $c0:expr, $tiles:expr, $bytes:expr, $block:expr) => {{
+    ($src:expr, $stride:expr, $rows:expr, $c0:expr, $tiles:expr, $bytes:expr, $block:expr, $ahead:expr, $prefetch:expr) => {{
         let (src, stride, rows, c0, tiles): (&[_], usize, usize, usize, Tiles<'_>) =
             ($src, $stride, $rows, $c0, $tiles);
         let mut block = $block;
@@ -126,8 +129,16 @@ macro_rules! walk_tiles {
             assert!(src.len() >= need, "tile source too short");
         }
         let d = tiles.bytes.as_mut_ptr();
+        let (ahead, prefetch): (usize, _) = ($ahead, $prefetch);
         for j in 0..n {
             for t in 0..rows {
+                if ahead > 0 {
+                    // Only an address: `wrapping_add` is defined even past the end.
+                    let p = src.as_ptr().wrapping_add(t * stride + 2 * c0 * (j + ahead)).cast::<u8>();
+                    for line in (0..2 * c0 * size_of_val(&src[0])).step_by(64) {
+                        prefetch(p.wrapping_add(line));
+                    }
+                }
                 for b in 0..c0 / $bytes {
                     // SAFETY: elements `t * stride + 2 c0 j + 2 $bytes b ..+ 2 $bytes` end at most
                     // at `(rows - 1) * stride + 2 c0 n <= src.len()` (asserted above).

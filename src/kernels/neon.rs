@@ -210,12 +210,14 @@ macro_rules! pack_neon {
         match $job {
             Job::Run(src, dst) => piece(src, dst, &mut acc, &mut acc8),
             Job::Tiles { src, stride, rows, c0, tiles } if c0.is_multiple_of(16) => {
-                walk_tiles!(src, stride, rows, c0, tiles, 16, |s: *const $t, d: *mut u8| {
+                let store = |s: *const $t, d: *mut u8| {
                     let r = block32(s, &mut acc, &mut acc8);
                     // SAFETY: `walk_tiles` hands out 16 writable bytes at `d`; `vst1q_u8` has no
                     // alignment requirement.
                     unsafe { vst1q_u8(d, r) };
-                })
+                };
+                // No prefetch: stable Rust has no aarch64 prefetch intrinsic.
+                walk_tiles!(src, stride, rows, c0, tiles, 16, store, 0, |_: *const u8| {})
             }
             Job::Tiles { src, stride, rows, c0, tiles } => {
                 for (s, d) in tile_pairs(src, stride, rows, c0, tiles) {
