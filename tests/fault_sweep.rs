@@ -1,6 +1,6 @@
 //! Fault sweep over every flow the crate has (`reliability.rs` sweeps the INT4Pack flows one-shot
 //! with a per-call oracle; here they run again with persistent faults): INT4Pack on the operator
-//! and the host path, the W4A16 sequence of ops-nn's example (pack, NZ re-init, Cast through the kit, the matmul),
+//! and the host path (one-off, and chunked through a reused `HostPacker`), the W4A16 sequence of ops-nn's example (pack, NZ re-init, Cast through the kit, the matmul),
 //! pinned asynchronous copies ordered across two streams by events, a plan dropped unlaunched,
 //! and objects dropped with work still queued. Every call of every C function a flow makes is
 //! failed once (one-shot) and from that call on (persistent: a device that stays broken).
@@ -18,7 +18,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use aclnn::ops::int4pack::{
-    PackOptions, convert_weight_to_int4_pack, convert_weight_to_int4_pack_plan, pack_int4_on_host,
+    HostPacker, PackOptions, convert_weight_to_int4_pack, convert_weight_to_int4_pack_plan, pack_int4_on_host,
 };
 use aclnn::sim::{self, Discarded};
 use aclnn::sys;
@@ -86,6 +86,22 @@ fn int4pack_host_nd(runtime: &Runtime) -> aclnn::Result<Vec<u8>> {
     let stream = runtime.device(0)?.new_stream()?;
     let weights: Vec<i32> = (0..96 * 128).map(|i| (i * 5 % 16) - 8).collect();
     pack_int4_on_host(&stream, &weights, &[96, 128], PackOptions::default())?.to_host_bytes()
+}
+
+/// The host path chunk by chunk through one packer's reused pinned staging: a FRACTAL_NZ weight
+/// in eight chunks (one column block each) and an ND weight in three, each chunk's upload
+/// queued while the next is packed.
+fn host_packer_chunked(runtime: &Runtime) -> aclnn::Result<Vec<u8>> {
+    let stream = runtime.device(0)?.new_stream()?;
+    let mut packer = HostPacker::with_chunk_bytes(&stream, 3072);
+    let nz: Vec<i32> = (0..96 * 512).map(|i| (i * 3 % 16) - 8).collect();
+    let nd: Vec<i32> = (0..64 * 256).map(|i| (i * 11 % 16) - 8).collect();
+    let options = PackOptions { format: Format::FractalNz, ..PackOptions::default() };
+    let a = packer.pack_int4(&nz, &[96, 512], options)?;
+    let b = packer.pack_int4(&nd, &[64, 256], PackOptions::default())?;
+    let mut bytes = a.to_host_bytes()?;
+    bytes.extend(b.to_host_bytes()?);
+    Ok(bytes)
 }
 
 /// Pinned upload on a copy stream into a buffer homed on a compute stream, an event between
@@ -291,6 +307,13 @@ fn fault_sweep_int4pack_host_nd() {
 }
 
 #[test]
+fn fault_sweep_host_packer_chunked() {
+    if common::on_sim() {
+        assert!(sweep("HostPacker chunked NZ + ND", host_packer_chunked) > 40);
+    }
+}
+
+#[test]
 fn fault_sweep_kit_descriptors_and_moe() {
     if common::on_sim() {
         assert!(sweep("kit descriptors and MoE", kit_descriptors_and_moe) > 100);
@@ -323,6 +346,7 @@ fn the_sweeps_reach_most_bound_functions() {
     for flow in [
         int4pack_operator_nz,
         int4pack_host_nd,
+        host_packer_chunked,
         official_w4a16,
         pinned_copies_and_events,
         plan_dropped_unlaunched,
