@@ -632,7 +632,7 @@ fn bench_size(k: usize, n: usize, runs: usize, flusher: &mut Flusher, one: &rayo
                 a.as_secs_f64() * 1e9,
                 o.as_secs_f64() * 1e9,
                 weights,
-                kernels::PARALLEL_THRESHOLD
+                kernels::parallel_threshold()
             );
         }
     }
@@ -740,7 +740,7 @@ fn host_path(k: usize, n: usize, runs: usize, flusher: &mut Flusher) -> Result<(
             ("upload alone (new device buffer, one pinned copy)", &mut upload_alone),
             ("zeroed Vec + pack + synchronous upload (previous)", &mut previous),
             ("pack_int4_on_host (one-off HostPacker)", &mut one_off),
-            ("HostPacker reused (4 MiB chunks, pinned, overlapped)", &mut reused),
+            ("HostPacker reused (8 MiB chunks, pinned, overlapped)", &mut reused),
         ];
         for (name, f) in rows {
             let floor: Box<dyn FnMut() + Send + '_> = Box::new(|| pack(&mut out));
@@ -786,7 +786,7 @@ fn main() -> Result<(), BoxError> {
 fn threshold(runs: usize, one: &rayon::ThreadPool) {
     println!();
     println!("== parallel threshold: pack_int4, hot input, median of {runs} single calls ==");
-    println!("(the kernels split at {} elements)", kernels::PARALLEL_THRESHOLD);
+    println!("(the kernels split at {} elements)", kernels::parallel_threshold());
     println!("{:>10} {:>12} {:>12} {:>12}", "elements", "1 thread", "pool warm", "pool cold");
     let median = |f: &mut dyn FnMut() -> Duration| {
         let mut t: Vec<Duration> = (0..runs.max(7)).map(|_| f()).collect();

@@ -2,7 +2,7 @@
 //! AVX2, aarch64 NEON, else the plain path), the element trait that maps an element type to
 //! its packers, and the parallel threshold.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::codes::{FP4_MAX_ABS_BITS, fp4_code, int4_code};
 use super::error::PackError;
@@ -10,14 +10,33 @@ use super::error::PackError;
 use super::isa;
 use super::nd::pack_run_plain;
 
-/// Element count at or above which the kernels split their work across the rayon pool.
+/// Default element count at or above which the kernels split their work across the rayon pool
+/// (see [`set_parallel_threshold`]).
 ///
-/// Measured with `bench_pack`'s threshold table (2-vCPU AMD EPYC, AVX-512, hot input): a
-/// single-thread `pack_int4` beats the pool below about 2M elements when its workers are awake
-/// and below about 16M when they are asleep (waking them costs 60-200 µs). 4M elements (16 MiB
-/// of `int32`) is in between: smaller calls never pay for thread start-up, larger ones gain from
-/// a second core's bandwidth.
-pub const PARALLEL_THRESHOLD: usize = 1 << 22;
+/// Measured with `bench_pack`'s threshold table (2-vCPU AMD EPYC, AVX-512, hot input, medians
+/// of 7): at 4M elements one thread took 260 µs, a warm pool 278 µs and a pool whose workers
+/// were asleep 598 µs (waking them costs 100-300 µs); at 8M, 1.02 / 1.04 / 1.33 ms; at 16M,
+/// 1.89 / 1.71 / 2.00 ms. 16M elements (64 MiB of `int32`) is where a cold pool stops costing
+/// much more than it gains: smaller calls never pay for waking threads. LLM weight matrices
+/// (tens of millions of elements) are above it.
+pub const PARALLEL_THRESHOLD: usize = 1 << 24;
+
+/// The threshold in force (see [`set_parallel_threshold`]).
+static THRESHOLD: AtomicUsize = AtomicUsize::new(PARALLEL_THRESHOLD);
+
+/// Sets the element count at or above which the kernels use the rayon pool (default
+/// [`PARALLEL_THRESHOLD`]). An engine that keeps the pool busy (so its workers are awake) may
+/// go lower, a latency-bound one higher; `bench_pack`'s threshold table shows where the pool
+/// starts to pay on a given machine. Affects every later call in the process; the output never
+/// depends on it. Values below 1 are taken as 1.
+pub fn set_parallel_threshold(elements: usize) {
+    THRESHOLD.store(elements.max(1), Ordering::Relaxed);
+}
+
+/// The element count at or above which the kernels use the rayon pool now.
+pub fn parallel_threshold() -> usize {
+    THRESHOLD.load(Ordering::Relaxed)
+}
 
 /// Smallest number of elements handled by one parallel task (a multiple of 32, so every task owns
 /// whole bytes and whole SIMD blocks).

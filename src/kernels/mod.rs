@@ -11,7 +11,7 @@
 //! * [`reference`](mod@reference) holds naive scalar versions used as test and benchmark baselines.
 //!
 //! All kernels never panic on inputs that pass their length checks, write straight into the
-//! caller's buffer, and switch to rayon for inputs of at least [`PARALLEL_THRESHOLD`] elements
+//! caller's buffer, and switch to rayon for inputs of at least [`parallel_threshold`] elements
 //! (smaller ones never touch the thread pool).
 //!
 //! # Performance
@@ -57,7 +57,9 @@ use neon as isa;
 use x86 as isa;
 
 pub use codes::{fp4_code, fp4_value, int4_code, int4_value};
-pub use dispatch::{PARALLEL_THRESHOLD, force_avx2_path, force_plain_path, simd_path};
+pub use dispatch::{
+    PARALLEL_THRESHOLD, force_avx2_path, force_plain_path, parallel_threshold, set_parallel_threshold, simd_path,
+};
 pub use error::{LayoutError, PackError};
 pub use nd::{check_fp4, check_int4, pack_fp4, pack_fp4_checked, pack_int4, pack_int4_checked};
 pub use nz::{

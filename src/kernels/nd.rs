@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::dispatch::{Element, PARALLEL_THRESHOLD, RunFn, par_chunk};
+use super::dispatch::{Element, RunFn, par_chunk, parallel_threshold};
 use super::error::{LayoutError, PackError};
 
 /// The plain packer: `src` (two elements per byte, low nibble first) into `dst`; with `CHECK` it
@@ -46,7 +46,7 @@ fn check_pack_lengths(src_len: usize, out_len: usize) -> Result<(), LayoutError>
 fn pack_impl<T: Element>(src: &[T], out: &mut [u8]) -> Result<(), LayoutError> {
     check_pack_lengths(src.len(), out.len())?;
     let run = T::runner::<false>();
-    if src.len() >= PARALLEL_THRESHOLD {
+    if src.len() >= parallel_threshold() {
         let chunk = par_chunk(src.len());
         src.par_chunks(chunk).zip(out.par_chunks_mut(chunk / 2)).for_each(|(s, d)| {
             run(s, d);
@@ -60,7 +60,7 @@ fn pack_impl<T: Element>(src: &[T], out: &mut [u8]) -> Result<(), LayoutError> {
 fn pack_checked_impl<T: Element>(src: &[T], out: &mut [u8]) -> Result<(), PackError> {
     check_pack_lengths(src.len(), out.len())?;
     let run = T::runner::<true>();
-    let bad = if src.len() >= PARALLEL_THRESHOLD {
+    let bad = if src.len() >= parallel_threshold() {
         let chunk = par_chunk(src.len());
         src.par_chunks(chunk)
             .zip(out.par_chunks_mut(chunk / 2))

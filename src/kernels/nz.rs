@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::dispatch::{Element, PARALLEL_THRESHOLD, Tiles};
+use super::dispatch::{Element, Tiles, parallel_threshold};
 use super::error::{LayoutError, PackError};
 use super::nd::first_bad;
 
@@ -198,7 +198,7 @@ pub fn nd_to_nz(packed: &[u8], geom: NzGeometry, offset: GroupOffset, out: &mut 
     check_nz_lengths(&geom, packed.len(), out.len())?;
     let nb = geom.row_bytes;
     if offset == GroupOffset::Padded || geom.is_aligned() {
-        let parallel = packed.len() >= PARALLEL_THRESHOLD;
+        let parallel = packed.len() >= parallel_threshold();
         let c0 = geom.c0;
         fill_nz(
             &geom,
@@ -262,7 +262,7 @@ pub fn nz_to_nd(nz: &[u8], geom: NzGeometry, out: &mut [u8]) -> Result<(), Layou
             piece.copy_from_slice(&nz[s..s + piece.len()]);
         }
     };
-    if out.len() >= PARALLEL_THRESHOLD {
+    if out.len() >= parallel_threshold() {
         out.par_chunks_exact_mut(nb).enumerate().for_each(copy_row);
     } else {
         out.chunks_exact_mut(nb).enumerate().for_each(copy_row);
@@ -303,7 +303,7 @@ fn pack_nz_checked_impl<T: Element>(
         }
     };
     let nb = geom.row_bytes;
-    let parallel = out.len().saturating_mul(2) >= PARALLEL_THRESHOLD;
+    let parallel = out.len().saturating_mul(2) >= parallel_threshold();
     let (run, tile_run, c0) = (T::runner::<true>(), T::tile_runner::<true>(), geom.c0);
     let bad = fill_nz(
         &geom,

@@ -394,9 +394,15 @@ fn error_display() {
 
 // --- large inputs (rayon path) ---------------------------------------------------------
 
+/// The threshold the large tests use (lower than the default, to keep them quick in debug and
+/// under qemu); every test that needs the parallel path sets it, and the output never depends
+/// on it, so tests running at the same time are unaffected.
+const TEST_THRESHOLD: usize = 1 << 22;
+
 #[test]
 fn large_int4_parallel_path() {
-    let n = PARALLEL_THRESHOLD * 2 + 4 * PAR_CHUNK + 6; // not a multiple of 8 or the chunk
+    set_parallel_threshold(TEST_THRESHOLD);
+    let n = TEST_THRESHOLD * 2 + 4 * PAR_CHUNK + 6; // not a multiple of 8 or the chunk
     let mut src = in_range_i32(n, 7);
     let mut out = vec![0u8; n / 2];
     pack_int4(&src, &mut out).unwrap();
@@ -424,9 +430,10 @@ fn large_int4_parallel_path() {
 
 #[test]
 fn large_fp4_and_nz_parallel_path() {
+    set_parallel_threshold(TEST_THRESHOLD);
     let g = geom(2, 2048, 520, 32);
     let n = 2 * g.nd_bytes();
-    assert!(n >= PARALLEL_THRESHOLD);
+    assert!(n >= TEST_THRESHOLD);
     let mut src = in_range_f32(n, 11);
     let mut packed = vec![0u8; n / 2];
     pack_fp4(&src, &mut packed).unwrap();
@@ -452,6 +459,13 @@ fn large_fp4_and_nz_parallel_path() {
     let mut fused = vec![0u8; g.total_bytes()];
     pack_int4_nz_checked(&isrc, g, &mut fused).unwrap();
     assert_eq!(fused, reference::nd_to_nz(&reference::pack_int4(&isrc), g, GroupOffset::Padded));
+    // A range of column blocks across the group boundary, still large enough for the pool.
+    let block = g.block_bytes();
+    let blocks = 1..2 * g.n1();
+    assert!(2 * blocks.len() * block >= TEST_THRESHOLD);
+    let mut part = vec![0u8; blocks.len() * block];
+    pack_int4_nz_checked_blocks(&isrc, g, blocks.clone(), &mut part).unwrap();
+    assert_eq!(part, fused[block..]);
 
     src[n - 1] = f32::INFINITY;
     src[n / 3] = -6.5;

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::codes::{fp4_value, int4_value};
-use super::dispatch::{PARALLEL_THRESHOLD, int_unpacker, llc_bytes, par_chunk};
+use super::dispatch::{int_unpacker, llc_bytes, par_chunk, parallel_threshold};
 use super::error::LayoutError;
 
 fn check_unpack_lengths(packed_len: usize, out_len: usize) -> Result<(), LayoutError> {
@@ -30,7 +30,7 @@ pub(super) fn unpack_int4_plain(packed: &[u8], out: &mut [i32], _stream: bool) {
 
 /// Runs `run(packed part, out part)` over the input, split across the pool when large.
 fn split<T: Send>(packed: &[u8], out: &mut [T], run: impl Fn(&[u8], &mut [T]) + Sync) {
-    if out.len() >= PARALLEL_THRESHOLD {
+    if out.len() >= parallel_threshold() {
         let chunk = par_chunk(out.len());
         packed.par_chunks(chunk / 2).zip(out.par_chunks_mut(chunk)).for_each(|(p, o)| run(p, o));
     } else {
