@@ -781,12 +781,14 @@ fn main() -> Result<(), BoxError> {
 }
 
 /// Where splitting across the pool starts to pay: `pack_int4` on hot inputs of growing size in a
-/// one-thread pool, in the default pool right after other parallel work (warm workers), and in
-/// the default pool after 20 ms of idleness (workers asleep, as between an engine's calls).
+/// one-thread pool, and split across the default pool (the threshold lowered to 1 for those two
+/// columns, so every size really goes parallel) right after other parallel work (warm workers)
+/// and after 20 ms of idleness (workers asleep, as between an engine's calls).
 fn threshold(runs: usize, one: &rayon::ThreadPool) {
     println!();
     println!("== parallel threshold: pack_int4, hot input, median of {runs} single calls ==");
-    println!("(the kernels split at {} elements)", kernels::parallel_threshold());
+    let default = kernels::parallel_threshold();
+    println!("(the kernels split at {default} elements; the pool columns force the split at every size)");
     println!("{:>10} {:>12} {:>12} {:>12}", "elements", "1 thread", "pool warm", "pool cold");
     let median = |f: &mut dyn FnMut() -> Duration| {
         let mut t: Vec<Duration> = (0..runs.max(7)).map(|_| f()).collect();
@@ -804,6 +806,7 @@ fn threshold(runs: usize, one: &rayon::ThreadPool) {
                 t.elapsed()
             })
         });
+        kernels::set_parallel_threshold(1);
         let warm = median(&mut || {
             (0..64).into_par_iter().for_each(|i| {
                 black_box(i);
@@ -818,6 +821,7 @@ fn threshold(runs: usize, one: &rayon::ThreadPool) {
             kernels::pack_int4(black_box(&ints), &mut out).unwrap();
             t.elapsed()
         });
+        kernels::set_parallel_threshold(default);
         println!("{len:>10} {:>12.2?} {:>12.2?} {:>12.2?}", serial, warm, cold);
     }
 }
