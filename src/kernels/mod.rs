@@ -21,12 +21,12 @@
 //! auto-vectorise (two codes per byte, whole runs at a time, range check fused as an OR of
 //! branch-free flags); on x86-64 an AVX-512 (F + BW + VBMI) or AVX2 path (module `x86`), on
 //! aarch64 a NEON path (module `neon`) is chosen at run time when the CPU has it (these two
-//! modules hold the only `unsafe` code here), and is tested byte for byte against the plain path. [`simd_path`] tells which one is in use. The checked INT4 SIMD
-//! packers saturate the values to bytes, which serves both the range check and the packing, so
-//! the check costs nothing measurable. The FRACTAL_NZ packers fill one whole `16 x c0` tile at a
+//! modules hold the only `unsafe` code here), and is tested byte for byte against the plain
+//! path. [`simd_path`] tells which one is in use. The checked INT4 SIMD packers saturate the
+//! values to bytes, which serves both the range check and the packing, so on one thread the
+//! check costs nothing measurable. The FRACTAL_NZ packers fill one whole `16 x c0` tile at a
 //! time (every destination cache line written completely, once) straight from the source rows:
 //! one pass over the input, no scatter with div/mod per element, one SIMD call per 16-row block.
-
 //!
 //! # Layout of this module
 //!

@@ -92,7 +92,8 @@ pub fn pack_int4_checked(src: &[i32], out: &mut [u8]) -> Result<(), PackError> {
 }
 
 /// Packs FLOAT elements into FP4 E2M1 bytes with the operator's semantics
-/// (`out[i] = fp4_code(src[2i]) | fp4_code(src[2i+1]) << 4`, truncating table of [`fp4_code`](super::fp4_code)).
+/// (`out[i] = fp4_code(src[2i]) | fp4_code(src[2i+1]) << 4`, truncating table of
+/// [`fp4_code`](super::fp4_code)).
 ///
 /// Requires `src.len()` even and `out.len() == src.len() / 2`, otherwise returns a
 /// [`LayoutError`] without writing.

@@ -354,8 +354,9 @@ fn first_bad_in_blocks<T: Element>(src: &[T], geom: &NzGeometry, blocks: Range<u
 /// Packs INT32 elements (`groups x rows x 2*row_bytes`, row-major) to INT4 and lays them out as
 /// FRACTAL_NZ with [`GroupOffset::Padded`] in one pass, writing every byte of `out` once.
 ///
-/// Equals [`pack_int4_checked`](super::pack_int4_checked) followed by [`nd_to_nz`]; reports the first element (in element
-/// order) outside [-8, 7] as [`PackError::OutOfRange`] (then `out` is unspecified). Requires
+/// Equals [`pack_int4_checked`](super::pack_int4_checked) followed by [`nd_to_nz`]; reports
+/// the first element (in element order) outside [-8, 7] as [`PackError::OutOfRange`] (then
+/// `out` is unspecified). Requires
 /// `geom.c0 > 0`, `src.len() == 2 * geom.nd_bytes()` and `out.len() == geom.total_bytes()`.
 pub fn pack_int4_nz_checked(src: &[i32], geom: NzGeometry, out: &mut [u8]) -> Result<(), PackError> {
     pack_nz_checked_impl(src, geom, None, out)
@@ -379,8 +380,9 @@ pub fn pack_int4_nz_checked_blocks(
 /// Packs FLOAT elements (`groups x rows x 2*row_bytes`, row-major) to FP4 E2M1 and lays them out
 /// as FRACTAL_NZ with [`GroupOffset::Padded`] in one pass, writing every byte of `out` once.
 ///
-/// Equals [`pack_fp4_checked`](super::pack_fp4_checked) followed by [`nd_to_nz`]; reports the first NaN, infinite or
-/// |x| > 6.0 element as [`PackError::FloatOutOfRange`] (then `out` is unspecified). Requires
+/// Equals [`pack_fp4_checked`](super::pack_fp4_checked) followed by [`nd_to_nz`]; reports the
+/// first NaN, infinite or |x| > 6.0 element as [`PackError::FloatOutOfRange`] (then `out` is
+/// unspecified). Requires
 /// `geom.c0 > 0`, `src.len() == 2 * geom.nd_bytes()` and `out.len() == geom.total_bytes()`.
 pub fn pack_fp4_nz_checked(src: &[f32], geom: NzGeometry, out: &mut [u8]) -> Result<(), PackError> {
     pack_nz_checked_impl(src, geom, None, out)

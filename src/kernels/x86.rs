@@ -531,9 +531,9 @@ fn pack_words_avx2<const CHECK: bool>(v: [__m256i; 4], control: __m256i, acc8: &
 /// Expands, inside an AVX2 function, to the code that runs a [`Job`]: 32 elements to 16 bytes
 /// at a time with `$block(vectors, &mut acc, &mut acc8)`, then 16 to 8, then the plain tail.
 /// `$codes(v, &mut acc)` returns the code vector (values 0..=15 in 32-bit lanes) and ORs its
-/// "bad" bits into `acc`; `$is_bad(acc, acc8)` tells if any was bad. Tiles whose rows are whole blocks (`c0 % 16 == 0`) are walked with pointer
-/// arithmetic after one bounds check per call, other tiles piece by piece. Evaluates to the
-/// packer's flag.
+/// "bad" bits into `acc`; `$is_bad(acc, acc8)` tells if any was bad. Tiles whose rows are whole
+/// blocks (`c0 % 16 == 0`) go through the shared `walk_tiles` (one bounds check per call), other
+/// tiles piece by piece. Evaluates to the packer's flag.
 macro_rules! pack_avx2 {
     ($t:ty, $check:expr, $job:expr, $codes:expr, $block:expr, $is_bad:expr, $ahead:expr) => {{
         let codes = $codes;

@@ -523,24 +523,12 @@ impl HostPacker {
 
     /// Packs int4 weights (`int32` values in [-8, 7]) like [`pack_int4_on_host`].
     pub fn pack_int4(&mut self, weights: &[i32], shape: &[i64], options: PackOptions) -> Result<PackedWeight> {
-        let parts = Parts {
-            kind: WeightKind::Int4,
-            nd: kernels::pack_int4_checked,
-            nz: kernels::pack_int4_nz_checked_blocks,
-            check: kernels::check_int4,
-        };
-        self.pack(weights, shape, options, parts)
+        self.pack(weights, shape, options, Parts::INT4)
     }
 
     /// Packs FP4 weights (`f32` values carrying E2M1 numbers) like [`pack_fp4_on_host`].
     pub fn pack_fp4(&mut self, weights: &[f32], shape: &[i64], options: PackOptions) -> Result<PackedWeight> {
-        let parts = Parts {
-            kind: WeightKind::Fp4,
-            nd: kernels::pack_fp4_checked,
-            nz: kernels::pack_fp4_nz_checked_blocks,
-            check: kernels::check_fp4,
-        };
-        self.pack(weights, shape, options, parts)
+        self.pack(weights, shape, options, Parts::FP4)
     }
 
     fn pack<T>(&mut self, weights: &[T], shape: &[i64], options: PackOptions, parts: Parts<T>) -> Result<PackedWeight> {
@@ -608,6 +596,24 @@ struct Parts<T: 'static> {
     nz: fn(&[T], NzGeometry, std::ops::Range<usize>, &mut [u8]) -> KernelResult,
     /// Finds the first bad element of the whole weight.
     check: fn(&[T]) -> KernelResult,
+}
+
+impl Parts<i32> {
+    const INT4: Self = Parts {
+        kind: WeightKind::Int4,
+        nd: kernels::pack_int4_checked,
+        nz: kernels::pack_int4_nz_checked_blocks,
+        check: kernels::check_int4,
+    };
+}
+
+impl Parts<f32> {
+    const FP4: Self = Parts {
+        kind: WeightKind::Fp4,
+        nd: kernels::pack_fp4_checked,
+        nz: kernels::pack_fp4_nz_checked_blocks,
+        check: kernels::check_fp4,
+    };
 }
 
 /// Packs on the host with the operator's exact semantics (masking, no range check, CANN's 3D NZ
