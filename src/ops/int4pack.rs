@@ -538,6 +538,14 @@ impl HostPacker {
         let mut buffer = DeviceBuffer::<u8>::alloc(&stream, layout.bytes)?;
         // A chunk is whole units: bytes in ND (byte `b` holds elements 2b and 2b + 1), column
         // blocks in NZ (contiguous in the NZ buffer).
+        if layout.nz.is_none() && layout.bytes.checked_mul(2) != Some(weights.len()) {
+            // ND packs two values per byte; `PackLayout` guarantees it, this keeps slicing safe.
+            return Err(Error::invalid(
+                "weights",
+                format!("{} values for {} packed bytes", weights.len(), layout.bytes),
+                "two values per packed byte",
+            ));
+        }
         let unit = layout.nz.map_or(1, |geom| geom.block_bytes().max(1));
         let chunk = (self.chunk_bytes / unit).max(1) * unit;
         let mut start = 0;
@@ -551,9 +559,11 @@ impl HostPacker {
                 Some(geom) => (parts.nz)(weights, geom, start / unit..end / unit, staging),
                 None => (parts.nd)(&weights[2 * start..2 * end], staging),
             };
-            if let Err(e) = packed {
+            match packed {
+                Ok(()) => {}
+                Err(e @ PackError::Layout(_)) => return Err(pack_error(e)),
                 // A chunk sees only its part: report the whole weight's first bad element.
-                return Err(pack_error((parts.check)(weights).err().unwrap_or(e)));
+                Err(e) => return Err(pack_error((parts.check)(weights).err().unwrap_or(e))),
             }
             buffer.copy_from_pinned_async_into(start, slot, 0..len, &stream)?;
             start = end;
