@@ -172,8 +172,8 @@ where
         let threads = rayon::current_num_threads().max(1);
         // About four tasks per thread, but strips of at least 2 KiB of input per row (8 blocks
         // at c0 = 32) while every thread still gets one: narrower strips turn each row into
-        // short reads (a 4 MiB chunk of an 8192-row weight, split into 512-byte strips, packed
-        // 1.4x slower than the whole weight; with 2 KiB strips, 1.1x).
+        // short reads, which made the chunks of `HostPacker` (a few column blocks each) pack
+        // markedly slower than the whole weight.
         let min_blocks = (2048 / (8 * c0)).max(1).min(blocks.div_ceil(threads));
         let per_task = blocks.div_ceil(4 * threads).max(min_blocks).max(1);
         out.par_chunks_mut(per_task * block)

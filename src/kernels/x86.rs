@@ -66,10 +66,10 @@ pub(super) fn best(avx2_max: bool) -> Option<Level> {
 }
 
 /// How many tiles ahead the FP4 tile walk prefetches its source. FP4 spends enough arithmetic
-/// per line that the 16 row streams of a tile walk outrun the hardware prefetcher; measured on a
-/// 2-vCPU AMD EPYC (AVX-512), 4096 x 11008, one flushed input per call, medians of 25:
-/// 8.46 ms without, 6.9 / 6.0 / 6.4 / 6.7 ms at 1 / 2 / 3 / 4 tiles. The INT4 walk (5.2 ms)
-/// got slower with any prefetch, so it has none.
+/// per line that the 16 row streams of a tile walk outrun the hardware prefetcher: with two
+/// tiles (one was less, three or four no better) `bench_pack`'s fused FP4 NZ row went from
+/// 1.79 / 1.52 of the read floor to about 1.4 on a 2-vCPU AMD EPYC (AVX-512). The INT4 walk got
+/// slower with any prefetch, so it has none.
 const FP4_PREFETCH_TILES: usize = 2;
 
 /// A software prefetch of the line at `p` into all cache levels (only an address; never faults).
