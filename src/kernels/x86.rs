@@ -68,7 +68,8 @@ pub(super) fn best(avx2_max: bool) -> Option<Level> {
 /// How many tiles ahead the FP4 tile walk prefetches its source. FP4 spends enough arithmetic
 /// per line that the 16 row streams of a tile walk outrun the hardware prefetcher: with two
 /// tiles (one was less, three or four no better) `bench_pack`'s fused FP4 NZ row went from
-/// 1.79 / 1.52 of the read floor to about 1.4 on a 2-vCPU AMD EPYC (AVX-512). The INT4 walk got
+/// 1.79 / 1.52 of the read floor to 1.35-1.64 (two runs, two sizes) on a 2-vCPU AMD EPYC
+/// (AVX-512). The INT4 walk got
 /// slower with any prefetch, so it has none.
 const FP4_PREFETCH_TILES: usize = 2;
 
