@@ -56,27 +56,6 @@ fn parse_args() -> Result<Options, BoxError> {
     Ok(opts)
 }
 
-/// Size of the last-level cache in bytes, from sysfs (64 MiB if unknown).
-fn llc_bytes() -> usize {
-    let mut best = 0usize;
-    for i in 0..8 {
-        let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
-        let Ok(size) = std::fs::read_to_string(format!("{dir}/size")) else { continue };
-        let size = size.trim();
-        let (num, mult) = match size.strip_suffix('K') {
-            Some(n) => (n, 1 << 10),
-            None => match size.strip_suffix('M') {
-                Some(n) => (n, 1 << 20),
-                None => (size, 1),
-            },
-        };
-        if let Ok(n) = num.parse::<usize>() {
-            best = best.max(n * mult);
-        }
-    }
-    if best == 0 { 64 << 20 } else { best }
-}
-
 /// Evicts the benchmark data from the caches by writing and reading a buffer larger than the LLC.
 struct Flusher {
     buf: Vec<u64>,
@@ -85,7 +64,7 @@ struct Flusher {
 
 impl Flusher {
     fn new() -> Self {
-        let bytes = (llc_bytes() * 3 / 2).max(64 << 20);
+        let bytes = (kernels::last_level_cache_bytes() * 3 / 2).max(64 << 20);
         Flusher { buf: vec![1; bytes / 8], round: 0 }
     }
 
@@ -763,7 +742,7 @@ fn main() -> Result<(), BoxError> {
         if opts.full { "full" } else { "quick" },
         opts.runs,
         rayon::current_num_threads(),
-        llc_bytes() >> 20,
+        kernels::last_level_cache_bytes() >> 20,
         if cfg!(debug_assertions) { "debug (numbers not meaningful)" } else { "release" }
     );
     println!("packing path: {}", kernels::simd_path());

@@ -249,14 +249,15 @@ pub(super) fn int_unpacker() -> UnpackFn {
     super::unpack::unpack_int4_plain
 }
 
-/// Size of the last-level cache in bytes (Linux sysfs; 32 MiB where unknown), read once.
-pub(super) fn llc_bytes() -> usize {
+/// Size of the last-level cache in bytes: the largest cache of CPU 0 that Linux's sysfs lists
+/// (32 MiB where none is listed), read once. The unpackers stream outputs larger than this, and
+/// `bench_pack` flushes the caches with a buffer larger than it.
+pub fn last_level_cache_bytes() -> usize {
     static LLC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *LLC.get_or_init(|| {
         (0..8)
-            .rev()
             .filter_map(|i| std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size")).ok())
-            .find_map(|s| {
+            .filter_map(|s| {
                 let s = s.trim();
                 let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
                 let n: usize = digits.parse().ok()?;
@@ -267,6 +268,7 @@ pub(super) fn llc_bytes() -> usize {
                     _ => n,
                 })
             })
+            .max()
             .unwrap_or(32 << 20)
     })
 }

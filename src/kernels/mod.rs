@@ -58,7 +58,8 @@ use x86 as isa;
 
 pub use codes::{fp4_code, fp4_value, int4_code, int4_value};
 pub use dispatch::{
-    PARALLEL_THRESHOLD, force_avx2_path, force_plain_path, parallel_threshold, set_parallel_threshold, simd_path,
+    PARALLEL_THRESHOLD, force_avx2_path, force_plain_path, last_level_cache_bytes, parallel_threshold,
+    set_parallel_threshold, simd_path,
 };
 pub use error::{LayoutError, PackError};
 pub use nd::{check_fp4, check_int4, pack_fp4, pack_fp4_checked, pack_int4, pack_int4_checked};

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::codes::{fp4_value, int4_value};
-use super::dispatch::{int_unpacker, llc_bytes, par_chunk, parallel_threshold};
+use super::dispatch::{int_unpacker, last_level_cache_bytes, par_chunk, parallel_threshold};
 use super::error::LayoutError;
 
 fn check_unpack_lengths(packed_len: usize, out_len: usize) -> Result<(), LayoutError> {
@@ -45,7 +45,7 @@ pub fn unpack_int4(packed: &[u8], out: &mut [i32]) -> Result<(), LayoutError> {
     check_unpack_lengths(packed.len(), out.len())?;
     let unpack = int_unpacker();
     // Outputs larger than the last-level cache would only evict other data on their way out.
-    let stream = std::mem::size_of_val(out) >= llc_bytes();
+    let stream = std::mem::size_of_val(out) >= last_level_cache_bytes();
     split(packed, out, |p, o| unpack(p, o, stream));
     Ok(())
 }
