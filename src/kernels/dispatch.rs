@@ -212,12 +212,12 @@ fn isa_level() -> Option<isa::Level> {
     if FORCE_PLAIN.load(Ordering::Relaxed) { None } else { isa::best(FORCE_AVX2.load(Ordering::Relaxed)) }
 }
 
-/// Returns, from the enclosing function, the SIMD packer `isa::$runner::<$check>` of the current
-/// level if there is one; otherwise evaluates to `$plain`.
+/// Returns, from the enclosing function, the SIMD kernel `isa::$runner(::<$check>)` of the
+/// current level if there is one; otherwise evaluates to `$plain`.
 macro_rules! simd_or {
-    ($runner:ident::<$check:ident>, $plain:expr) => {{
+    ($runner:ident $(::<$check:ident>)?, $plain:expr) => {{
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-        if let Some(f) = isa_level().and_then(isa::$runner::<$check>) {
+        if let Some(f) = isa_level().and_then(isa::$runner $(::<$check>)?) {
             return f;
         }
         $plain
@@ -242,11 +242,7 @@ pub(super) type UnpackFn = fn(&[u8], &mut [i32], bool);
 
 /// The best INT4 unpacker for this CPU (SIMD if detected and not disabled, else plain).
 pub(super) fn int_unpacker() -> UnpackFn {
-    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-    if let Some(f) = isa_level().and_then(isa::int_unpacker) {
-        return f;
-    }
-    super::unpack::unpack_int4_plain
+    simd_or!(int_unpacker, super::unpack::unpack_int4_plain)
 }
 
 /// Size of the last-level cache in bytes: the largest cache of CPU 0 that Linux's sysfs lists
