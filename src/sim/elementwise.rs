@@ -26,8 +26,7 @@ use super::errmsg;
 use super::faults;
 use super::machine::{self, Machine, Task};
 use super::runtime::{entry, stream_handle};
-use super::sanitizer::Access;
-use super::tensor::{SimArg, SimTensor, arg, dtype_bits, tensor_span, with_tensor};
+use super::tensor::{SimArg, SimTensor, arg, dtype_bits, operator_accesses, tensor_span, with_tensor};
 
 /// The operators' entry points by name (see `registry`).
 pub(super) fn lookup(name: &str) -> Option<*const c_void> {
@@ -391,7 +390,7 @@ fn launch(api: &'static str, executor: *mut aclOpExecutor, stream: sys::aclrtStr
             let Some(h) = stream_handle(m, stream) else {
                 return param(sys::ACLNN_ERR_PARAM_INVALID, "stream is not a live stream");
             };
-            let accesses = [(tensor_span(&job.input).0, Access::Read), (tensor_span(&job.out).0, Access::Write)];
+            let accesses = operator_accesses([&job.input], &job.out);
             let bytes = tensor_span(&job.input).1 + tensor_span(&job.out).1;
             let cost_ms = 0.005 + bytes as f64 / 1.6e9;
             let name = match job.kind {

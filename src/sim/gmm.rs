@@ -22,8 +22,7 @@ use super::errmsg;
 use super::faults;
 use super::machine::{self, Machine, Task};
 use super::runtime::{entry, stream_handle};
-use super::sanitizer::Access;
-use super::tensor::{SimArg, SimTensor, arg, tensor_span};
+use super::tensor::{SimArg, SimTensor, arg, operator_accesses, tensor_span};
 use super::wqbmm::Precision;
 
 /// The operator's entry points by name (see `registry`).
@@ -304,13 +303,11 @@ unsafe extern "C" fn launch(
             let Some(h) = stream_handle(m, stream) else {
                 return invalid("stream is not a live stream");
             };
-            let mut accesses: Vec<(u64, Access)> = [&job.x, &job.weight, &job.scale, &job.group_list]
+            let reads = [&job.x, &job.weight, &job.scale, &job.group_list]
                 .into_iter()
                 .chain(job.offset.iter())
-                .chain(job.bias.iter().map(|(b, _)| b))
-                .map(|t| (tensor_span(t).0, Access::Read))
-                .collect();
-            accesses.push((tensor_span(&job.y).0, Access::Write));
+                .chain(job.bias.iter().map(|(b, _)| b));
+            let accesses = operator_accesses(reads, &job.y);
             let flops = 2.0 * job.m as f64 * job.n as f64 * job.k as f64;
             let bytes = tensor_span(&job.weight).1 + tensor_span(&job.x).1;
             let cost_ms = 0.005 + (flops / 250.0e9).max(bytes as f64 / 1.6e9);

@@ -7,6 +7,7 @@ use aclnn_sys::{self as sys, FunctionTable, aclTensor, aclnnStatus};
 
 use super::machine;
 use super::runtime::entry;
+use super::sanitizer::Access;
 use super::{errmsg, faults};
 
 /// Largest rank a descriptor may have (larger requests fail like an allocation failure).
@@ -39,6 +40,17 @@ pub(crate) fn dtype_bits(dtype: sys::aclDataType) -> u64 {
         sys::ACL_INT4 | sys::ACL_FLOAT4_E2M1 | sys::ACL_FLOAT4_E1M2 => 4,
         other => super::runtime::data_type_size(other) as u64 * 8,
     }
+}
+
+/// The accesses an operator's task makes, for the stream sanitizer: every tensor of `reads` read
+/// and `write` written (by base address).
+pub(crate) fn operator_accesses<'a>(
+    reads: impl IntoIterator<Item = &'a SimTensor>,
+    write: &SimTensor,
+) -> Vec<(u64, Access)> {
+    let mut accesses: Vec<(u64, Access)> = reads.into_iter().map(|t| (tensor_span(t).0, Access::Read)).collect();
+    accesses.push((tensor_span(write).0, Access::Write));
+    accesses
 }
 
 /// The device range `(address, bytes)` a tensor describes: from its base plus offset to the last

@@ -18,8 +18,8 @@ use half::{bf16, f16};
 use super::machine::{self, Machine, Task};
 use super::runtime::{entry, stream_handle};
 use super::sanitizer::Access;
-use super::tensor::tensor_span;
 use super::tensor::{SimTensor, with_tensor};
+use super::tensor::{operator_accesses, tensor_span};
 use super::{errmsg, faults};
 use crate::soc::ceil_div;
 
@@ -445,13 +445,11 @@ unsafe extern "C" fn launch(
                 Some(h) => h,
                 None => return param(sys::ACLNN_ERR_PARAM_INVALID, "stream is not a live stream"),
             };
-            let mut accesses: Vec<(u64, Access)> = [&job.x, &job.weight, &job.scale]
+            let reads = [&job.x, &job.weight, &job.scale]
                 .into_iter()
                 .chain(job.offset.iter())
-                .chain(job.bias.iter().map(|(b, _)| b))
-                .map(|t| (tensor_span(t).0, Access::Read))
-                .collect();
-            accesses.push((tensor_span(&job.y).0, Access::Write));
+                .chain(job.bias.iter().map(|(b, _)| b));
+            let mut accesses = operator_accesses(reads, &job.y);
             if job.workspace > 0 {
                 accesses.push((ws, Access::Write));
             }
