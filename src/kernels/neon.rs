@@ -16,12 +16,13 @@
 //! * FP4: the lane-wise form of `fp4_code` (see `pack_f32_neon`); the check keeps the running
 //!   unsigned maximum of `|bits|` (bad above 6.0, which covers NaN and infinities).
 //! * Tails below 32 elements: the plain path. Tiles whose rows are whole blocks (`c0 % 16 ==
-//!   0`; A2/A3 use 32) go through the shared `walk_tiles`, others piece by piece.
+//!   0`; A2/A3 use 32) go through the shared staged `walk_tiles` (row runs with `prfm`
+//!   prefetch, tiles copied out with ordinary stores), others piece by piece.
 
 use std::arch::aarch64::*;
 
 use super::codes::FP4_MAX_ABS_BITS;
-use super::dispatch::{Job, RunFn, TileFn, Tiles, UnpackFn, tile_pairs, walk_tiles};
+use super::dispatch::{Job, RunFn, STAGE_BYTES, Stage, TileFn, Tiles, UnpackFn, tile_pairs, walk_tiles};
 use super::nd::pack_run_plain;
 use super::unpack::unpack_int4_plain;
 
@@ -54,6 +55,26 @@ impl Level {
 /// The best detected level (`avx2_max` is an x86-64 switch and has no effect here).
 pub(super) fn best(_avx2_max: bool) -> Option<Level> {
     Level::ALL.into_iter().find(|l| l.detected())
+}
+
+/// A software prefetch of the line at `p` for reading (`prfm pldl1keep`; only an address, never
+/// faults), for the tile walk's next row run. Stable Rust has no aarch64 prefetch intrinsic.
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    // SAFETY: `prfm` is a hint: it never faults, whatever the address, and neither reads nor
+    // writes memory architecturally, touches the stack or changes the flags.
+    unsafe { std::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p, options(nostack, readonly, preserves_flags)) }
+}
+
+/// Copies a finished tile out of the stage (see `walk_tiles`) with ordinary stores: no
+/// non-temporal stores here, so `stream` is ignored and nothing needs a fence.
+///
+/// # Safety
+/// `src` must be valid for reading and `dst` for writing `len` bytes, and they must not overlap.
+#[inline]
+unsafe fn copy_tile(src: *const u8, dst: *mut u8, len: usize, _stream: bool) {
+    // SAFETY: the caller's contract.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) }
 }
 
 /// The INT32 packer of `level`, if the CPU supports it.
@@ -209,15 +230,14 @@ macro_rules! pack_neon {
         };
         match $job {
             Job::Run(src, dst) => piece(src, dst, &mut acc, &mut acc8),
-            Job::Tiles { src, stride, rows, c0, tiles } if c0.is_multiple_of(16) => {
+            Job::Tiles { src, stride, rows, c0, tiles } if c0.is_multiple_of(16) && rows * c0 <= STAGE_BYTES => {
                 let store = |s: *const $t, d: *mut u8| {
                     let r = block32(s, &mut acc, &mut acc8);
                     // SAFETY: `walk_tiles` hands out 16 writable bytes at `d`; `vst1q_u8` has no
                     // alignment requirement.
                     unsafe { vst1q_u8(d, r) };
                 };
-                // No prefetch: stable Rust has no aarch64 prefetch intrinsic.
-                walk_tiles!(src, stride, rows, c0, tiles, 16, store, 0, |_: *const u8| {})
+                walk_tiles!(src, stride, rows, c0, tiles, 16, store, prefetch, copy_tile)
             }
             Job::Tiles { src, stride, rows, c0, tiles } => {
                 for (s, d) in tile_pairs(src, stride, rows, c0, tiles) {

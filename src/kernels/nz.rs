@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::dispatch::{Element, Tiles, parallel_threshold};
+use super::dispatch::{Element, Tiles, parallel_threshold, streams_output};
 use super::error::{LayoutError, PackError};
 use super::nd::first_bad;
 
@@ -102,19 +102,25 @@ fn check_nz_lengths(geom: &NzGeometry, nd_len: usize, nz_len: usize) -> Result<(
 /// For each 16-row block of a group (`data_rows <= 16` rows from ND row `nd_row0 = g * rows +
 /// r0`) it calls `fill_tiles(nd_row0, data_rows, j0 * c0, tiles)` for the full column blocks
 /// `j0..` of that group in `out` (it must fill rows `0..data_rows` of tile `i` with bytes
-/// `(j0 + i) * c0..(j0 + i + 1) * c0` of those ND rows), then, if `out` holds the group's last
-/// column block, `fill(nd_row, first_byte_column, data)` for the last, possibly short, piece
-/// `data` of each row. Both return a flag that is OR-ed into the result. Padding is zeroed
-/// here. Requires a validated geometry.
+/// `(j0 + i) * c0..(j0 + i + 1) * c0` of those ND rows; `tiles.stream` is `stream`), then, if
+/// `out` holds the group's last column block, `fill(nd_row, first_byte_column, data)` for the
+/// last, possibly short, piece `data` of each row. Both return a flag that is OR-ed into the
+/// result. Padding is zeroed here. Requires a validated geometry.
 ///
-/// Each tile (16 `c0`-byte rows, one contiguous 512-byte run for `c0 = 32`) is written whole
-/// and in order before the next, so every destination cache line is written completely at
-/// once; the input is read once, as 16 interleaved sequential streams, and no index is computed
-/// per element. (Writing each source row's pieces into all `N1` tiles instead leaves
-/// half-written lines in tiles `K1 * 16 * c0` bytes apart, all in the same cache sets, which
-/// are evicted and re-read before the next row completes them.) The parallel split is by
-/// column blocks: each task owns a contiguous part of `out`, and nothing is allocated.
-fn fill_nz<F, R>(geom: &NzGeometry, first: usize, out: &mut [u8], parallel: bool, fill: F, fill_tiles: R) -> u32
+/// The SIMD tile packers write each tile (16 `c0`-byte rows, one contiguous 512-byte run for
+/// `c0 = 32`) whole, after reading its rows as runs across many tiles (`walk_tiles`), so every
+/// destination cache line is written completely at once and no index is computed per element.
+/// The parallel split is by column blocks: each task owns a contiguous part of `out`, and
+/// nothing is allocated.
+fn fill_nz<F, R>(
+    geom: &NzGeometry,
+    first: usize,
+    out: &mut [u8],
+    parallel: bool,
+    stream: bool,
+    fill: F,
+    fill_tiles: R,
+) -> u32
 where
     F: Fn(usize, usize, &mut [u8]) -> u32 + Sync,
     R: Fn(usize, usize, usize, Tiles<'_>) -> u32 + Sync,
@@ -144,7 +150,7 @@ where
                 let nd_row0 = g * rows + r0;
                 let at = kb * tile_bytes;
                 if full > 0 {
-                    let tiles = Tiles { bytes: &mut seg[at..], pitch: block, count: full };
+                    let tiles = Tiles { bytes: &mut seg[at..], pitch: block, count: full, stream };
                     bad |= fill_tiles(nd_row0, data_rows, j0 * c0, tiles);
                 }
                 if has_last {
@@ -167,15 +173,16 @@ where
         bad
     };
     if parallel {
-        // About four tasks per thread.
+        // One strip of column blocks per thread (at least 2 KiB of input per row, 8 blocks at
+        // c0 = 32, while every thread still gets one): the tile walk reads each row of a strip
+        // as one run, and the longer the runs the better. Four strips per thread were 1.2-1.35x
+        // slower in a one-process A/B (2-vCPU AMD EPYC, AVX-512 and AVX2 paths, 4096x11008 and
+        // 8192x28672), and 512-byte strips once made `HostPacker`'s chunks 1.4x slower than the
+        // whole weight.
         let blocks = out.len() / block;
         let threads = rayon::current_num_threads().max(1);
-        // About four tasks per thread, but strips of at least 2 KiB of input per row (8 blocks
-        // at c0 = 32) while every thread still gets one: narrower strips turn each row into
-        // short reads, which made the chunks of `HostPacker` (a few column blocks each) pack
-        // markedly slower than the whole weight.
         let min_blocks = (2048 / (8 * c0)).max(1).min(blocks.div_ceil(threads));
-        let per_task = blocks.div_ceil(4 * threads).max(min_blocks).max(1);
+        let per_task = blocks.div_ceil(threads).max(min_blocks).max(1);
         out.par_chunks_mut(per_task * block)
             .enumerate()
             .map(|(i, part)| run(first + i * per_task, part))
@@ -205,6 +212,7 @@ pub fn nd_to_nz(packed: &[u8], geom: NzGeometry, offset: GroupOffset, out: &mut 
             0,
             out,
             parallel,
+            false,
             |nd_row, col, data| {
                 let s = nd_row * nb + col;
                 data.copy_from_slice(&packed[s..s + data.len()]);
@@ -212,7 +220,7 @@ pub fn nd_to_nz(packed: &[u8], geom: NzGeometry, offset: GroupOffset, out: &mut 
             },
             |nd_row0, data_rows, col0, tiles| {
                 tiles.check(data_rows, c0);
-                let Tiles { bytes, pitch, count } = tiles;
+                let Tiles { bytes, pitch, count, .. } = tiles;
                 for (j, tile) in bytes.chunks_mut(pitch).take(count).enumerate() {
                     for (t, piece) in tile[..data_rows * c0].chunks_exact_mut(c0).enumerate() {
                         let s = (nd_row0 + t) * nb + col0 + j * c0;
@@ -305,11 +313,15 @@ fn pack_nz_checked_impl<T: Element>(
     let nb = geom.row_bytes;
     let parallel = out.len().saturating_mul(2) >= parallel_threshold();
     let (run, tile_run, c0) = (T::runner::<true>(), T::tile_runner::<true>(), geom.c0);
+    // The elements of these blocks (at most all of `src`) and their packed bytes.
+    let touched = (out.len().saturating_mul(2 * size_of::<T>())).min(size_of_val(src)).saturating_add(out.len());
+    let stream = streams_output(touched);
     let bad = fill_nz(
         &geom,
         blocks.start,
         out,
         parallel,
+        stream,
         |nd_row, col, data| {
             let s = 2 * (nd_row * nb + col);
             run(&src[s..s + 2 * data.len()], data)

@@ -673,8 +673,11 @@ fn simd_unpackers_match_plain_all_lengths_alignments_and_streaming() {
 fn simd_tile_runners_match_plain() {
     let tiles_fns = tile_runners();
     assert_eq!(tiles_fns.len(), simd_levels());
-    for c0 in [1, 2, 3, 4, 7, 8, 9, 16, 24, 31, 32, 33, 40, 64] {
-        for n1 in 0..4 {
+    // 33 tiles of c0 >= 16 span two or more groups of the SIMD walk's stage; c0 = 1040 makes
+    // 16-row tiles larger than the stage (those go piece by piece).
+    for c0 in [1, 2, 3, 4, 7, 8, 9, 16, 24, 31, 32, 33, 40, 64, 1040] {
+        let many = if (16..=64).contains(&c0) { 33 } else { 3 };
+        for n1 in [0, 1, 2, 3, many] {
             for rows in [1, 2, 5, 16] {
                 let stride = 2 * c0 * n1 + 2 * (c0 % 3); // rows may be longer than the tiles
                 let len = (rows - 1) * stride + 2 * c0 * n1;
@@ -683,6 +686,10 @@ fn simd_tile_runners_match_plain() {
                 if n1 > 1 && rows > 1 {
                     ints[stride + 2 * c0 + 1] = 99;
                     floats[stride + 2 * c0] = f32::NAN;
+                }
+                if n1 > 32 {
+                    ints[(rows - 1) * stride + 2 * c0 * 32 + 3] = -9;
+                    floats[(rows - 1) * stride + 2 * c0 * 32 + 3] = 6.5;
                 }
                 // Elements between the tiles' data (stride padding) must not matter.
                 let mut pad_i = ints.clone();
@@ -699,23 +706,26 @@ fn simd_tile_runners_match_plain() {
                     assert!(a.chunks(pitch).all(|t| t[16 * c0..].iter().all(|&b| b == 0x11)), "gap written");
                     a.chunks(pitch).map(|t| t[..16 * c0].to_vec()).collect()
                 };
-                let run_i = |f: TileFn<i32>, src: &[i32]| {
+                // `stream` only changes how the SIMD walks store; the bytes must be the same.
+                let run_i_as = |f: TileFn<i32>, src: &[i32], stream: bool| {
                     let mut a = vec![0x11u8; pitch * n1];
-                    let flag = f(src, stride, rows, c0, Tiles { bytes: &mut a, pitch, count: n1 }) != 0;
+                    let flag = f(src, stride, rows, c0, Tiles { bytes: &mut a, pitch, count: n1, stream }) != 0;
                     (flag, split(a))
                 };
-                let run_f = |f: TileFn<f32>, src: &[f32]| {
+                let run_f_as = |f: TileFn<f32>, src: &[f32], stream: bool| {
                     let mut a = vec![0x11u8; pitch * n1];
-                    let flag = f(src, stride, rows, c0, Tiles { bytes: &mut a, pitch, count: n1 }) != 0;
+                    let flag = f(src, stride, rows, c0, Tiles { bytes: &mut a, pitch, count: n1, stream }) != 0;
                     (flag, split(a))
                 };
+                let run_i = |f: TileFn<i32>, src: &[i32]| run_i_as(f, src, false);
+                let run_f = |f: TileFn<f32>, src: &[f32]| run_f_as(f, src, false);
                 let plain_i =
                     [run_i(pack_tiles_plain::<i32, false>, &ints), run_i(pack_tiles_plain::<i32, true>, &ints)];
                 let plain_f =
                     [run_f(pack_tiles_plain::<f32, false>, &floats), run_f(pack_tiles_plain::<f32, true>, &floats)];
                 assert!(!plain_i[0].0 && !plain_f[0].0);
-                assert_eq!(plain_i[1].0, n1 > 1 && rows > 1);
-                assert_eq!(plain_f[1].0, n1 > 1 && rows > 1);
+                assert_eq!(plain_i[1].0, n1 > 1 && rows > 1 || n1 > 32);
+                assert_eq!(plain_f[1].0, n1 > 1 && rows > 1 || n1 > 32);
                 // The plain tiles are the ND pack of each row's pieces.
                 for j in 0..n1 {
                     for t in 0..rows {
@@ -736,6 +746,10 @@ fn simd_tile_runners_match_plain() {
                     assert_eq!(run_f(uf, &floats), plain_f[0], "fp4 {ctx}");
                     assert!(same(&run_f(cf, &floats), &plain_f[1]), "fp4 checked {ctx}");
                     assert!(same(&run_f(cf, &pad_f), &plain_f[1]), "fp4 checked, padded stride {ctx}");
+                    assert_eq!(run_i_as(ui, &pad_i, true), plain_i[0], "int, streaming {ctx}");
+                    assert!(same(&run_i_as(ci, &ints, true), &plain_i[1]), "int checked, streaming {ctx}");
+                    assert_eq!(run_f_as(uf, &floats, true), plain_f[0], "fp4, streaming {ctx}");
+                    assert!(same(&run_f_as(cf, &pad_f, true), &plain_f[1]), "fp4 checked, streaming {ctx}");
                 }
             }
         }

@@ -16,13 +16,14 @@
 //!   is unspecified (the callers report the error). Unchecked AVX2 masks to the codes first.
 //! * Tails: masked loads (AVX-512), the plain path below 16 elements (AVX2).
 //! * Tiles whose rows are whole SIMD blocks (`c0` a multiple of 32 bytes for AVX-512, 16 for
-//!   AVX2; A2/A3 use 32) are walked with pointer arithmetic after one bounds check per call;
-//!   others piece by piece through [`tile_pairs`].
+//!   AVX2; A2/A3 use 32) go through the shared staged walk (`walk_tiles`: row runs with
+//!   prefetch, tiles assembled on the stack and copied out whole, with non-temporal stores for
+//!   large outputs); others piece by piece through [`tile_pairs`].
 
 use std::arch::x86_64::*;
 
 use super::codes::FP4_MAX_ABS_BITS;
-use super::dispatch::{Job, RunFn, TileFn, Tiles, UnpackFn, tile_pairs, walk_tiles};
+use super::dispatch::{Job, RunFn, STAGE_BYTES, Stage, TileFn, Tiles, UnpackFn, tile_pairs, walk_tiles};
 use super::nd::pack_run_plain;
 use super::unpack::unpack_int4_plain;
 
@@ -65,20 +66,52 @@ pub(super) fn best(avx2_max: bool) -> Option<Level> {
     Level::ALL.into_iter().find(|&l| !(avx2_max && l == Level::Avx512) && l.detected())
 }
 
-/// How many tiles ahead the FP4 tile walk prefetches its source. FP4 spends enough arithmetic
-/// per line that the 16 row streams of a tile walk outrun the hardware prefetcher: with two
-/// tiles (one was less, three or four no better) `bench_pack`'s fused FP4 NZ row went from
-/// 1.79 / 1.52 of the read floor to 1.35-1.64 (two runs, two sizes) on a 2-vCPU AMD EPYC
-/// (AVX-512). The INT4 walk got
-/// slower with any prefetch, so it has none.
-const FP4_PREFETCH_TILES: usize = 2;
-
-/// A software prefetch of the line at `p` into all cache levels (only an address; never faults).
+/// A software prefetch of the line at `p` into all cache levels (only an address; never faults),
+/// for the tile walk's next row run. Without it the staged walk was 1.2-1.7x slower in a
+/// one-process A/B (2-vCPU AMD EPYC; the hardware prefetcher restarts at every run).
 #[inline(always)]
 fn prefetch(p: *const u8) {
     // SAFETY: `prefetcht0` never faults and has no architectural effect, whatever the address;
     // SSE is part of the x86-64 baseline.
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+}
+
+/// Copies a finished tile out of the stage (see `walk_tiles`): with `stream`, every destination
+/// cache line that the tile covers whole is written with non-temporal stores (SSE2 `movntdq`,
+/// 16 bytes each, so a 16-byte aligned `Vec` serves as well as page-aligned memory), the partial
+/// lines at either end with ordinary stores. The caller fences (`sfence`) after the last copy.
+///
+/// # Safety
+/// `src` must be valid for reading and `dst` for writing `len` bytes, and they must not overlap.
+#[inline]
+unsafe fn copy_tile(src: *const u8, dst: *mut u8, len: usize, stream: bool) {
+    if !stream {
+        // SAFETY: the caller's contract.
+        return unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+    }
+    let head = (dst as usize).wrapping_neg() % 64;
+    let head = head.min(len);
+    let body_end = head + (len - head) / 64 * 64;
+    // SAFETY: bytes `0..head` are inside both ranges (caller's contract).
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, head) };
+    for line in (head..body_end).step_by(64) {
+        for k in (0..64).step_by(16) {
+            // SAFETY: bytes `line + k ..+ 16` lie below `body_end <= len` in both ranges; the
+            // load is unaligned, and `dst + line` is 64-byte aligned, so the store is 16-byte
+            // aligned as `movntdq` requires. SSE2 is part of the x86-64 baseline.
+            unsafe { _mm_stream_si128(dst.add(line + k).cast(), _mm_loadu_si128(src.add(line + k).cast())) };
+        }
+    }
+    // SAFETY: bytes `body_end..len` are inside both ranges.
+    unsafe { std::ptr::copy_nonoverlapping(src.add(body_end), dst.add(body_end), len - body_end) };
+}
+
+/// Orders the non-temporal stores of `copy_tile` before any later store (a tile walk with
+/// `stream` ends with it, before its packer returns).
+#[inline]
+fn store_fence() {
+    // SAFETY: `sfence` has no operands and no preconditions; SSE is part of the x86-64 baseline.
+    unsafe { _mm_sfence() }
 }
 
 /// The INT32 packer of `level`, if the CPU supports it.
@@ -322,11 +355,11 @@ fn pack_saturated(v: [__m512i; 4], order: __m512i, acc8: &mut __m512i) -> __m256
 /// elements at a time with masked loads, through `$codes(v, &mut acc)`, which returns a vector
 /// whose 32-bit lanes hold the codes in their low nibble (higher bits are ignored) and folds the
 /// lanes' range check into `acc`. `$is_bad(acc, acc8)` tells if any element was bad. Tiles whose
-/// rows are whole blocks (`c0 % 32 == 0`, e.g. 32 on A2/A3) are walked with pointer arithmetic
-/// after one bounds check per call; other tiles piece by piece like runs. Evaluates to the
+/// rows are whole blocks (`c0 % 32 == 0`, e.g. 32 on A2/A3) and that fit the stage go through
+/// the shared `walk_tiles`; other tiles piece by piece like runs. Evaluates to the
 /// packer's flag.
 macro_rules! pack_avx512 {
-    ($t:ty, $check:expr, $job:expr, $codes:expr, $block:expr, $is_bad:expr, $ahead:expr) => {{
+    ($t:ty, $check:expr, $job:expr, $codes:expr, $block:expr, $is_bad:expr) => {{
         let codes = $codes;
         let block = $block;
         let low_nibbles = _mm512_set1_epi8(0x0F);
@@ -376,14 +409,18 @@ macro_rules! pack_avx512 {
         };
         match $job {
             Job::Run(src, dst) => piece(src, dst, &mut acc, &mut acc8),
-            Job::Tiles { src, stride, rows, c0, tiles } if c0.is_multiple_of(32) => {
+            Job::Tiles { src, stride, rows, c0, tiles } if c0.is_multiple_of(32) && rows * c0 <= STAGE_BYTES => {
+                let stream = tiles.stream;
                 let store = |s: *const $t, d: *mut u8| {
                     let out = block64(s, &mut acc, &mut acc8);
                     // SAFETY: `walk_tiles` hands out 32 writable bytes at `d`; the store is
                     // unaligned.
                     unsafe { _mm256_storeu_si256(d.cast(), out) };
                 };
-                walk_tiles!(src, stride, rows, c0, tiles, 32, store, $ahead, prefetch)
+                walk_tiles!(src, stride, rows, c0, tiles, 32, store, prefetch, copy_tile);
+                if stream {
+                    store_fence();
+                }
             }
             Job::Tiles { src, stride, rows, c0, tiles } => {
                 for (s, d) in tile_pairs(src, stride, rows, c0, tiles) {
@@ -419,7 +456,7 @@ unsafe fn pack_i32_avx512<const CHECK: bool>(job: Job<'_, '_, i32>) -> u32 {
     let is_bad = |acc: __m512i, acc8: __m512i| {
         _mm512_test_epi32_mask(acc, high) != 0 || _mm512_test_epi8_mask(acc8, _mm512_set1_epi8(-16)) != 0
     };
-    pack_avx512!(i32, CHECK, job, codes, block, is_bad, 0)
+    pack_avx512!(i32, CHECK, job, codes, block, is_bad)
 }
 
 /// AVX-512 FP4 packer, the lane-wise form of `super::fp4_code` (see `pack_f32_avx2`) with mask
@@ -455,7 +492,7 @@ unsafe fn pack_f32_avx512<const CHECK: bool>(job: Job<'_, '_, f32>) -> u32 {
         pack_codes([codes(v[0], acc), codes(v[1], acc), codes(v[2], acc), codes(v[3], acc)], gather)
     };
     let is_bad = |acc: __m512i, _: __m512i| _mm512_cmpgt_epu32_mask(acc, max) != 0;
-    pack_avx512!(f32, CHECK, job, codes, block, is_bad, FP4_PREFETCH_TILES)
+    pack_avx512!(f32, CHECK, job, codes, block, is_bad)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -533,10 +570,10 @@ fn pack_words_avx2<const CHECK: bool>(v: [__m256i; 4], control: __m256i, acc8: &
 /// at a time with `$block(vectors, &mut acc, &mut acc8)`, then 16 to 8, then the plain tail.
 /// `$codes(v, &mut acc)` returns the code vector (values 0..=15 in 32-bit lanes) and ORs its
 /// "bad" bits into `acc`; `$is_bad(acc, acc8)` tells if any was bad. Tiles whose rows are whole
-/// blocks (`c0 % 16 == 0`) go through the shared `walk_tiles` (one bounds check per call), other
+/// blocks (`c0 % 16 == 0`) and that fit the stage go through the shared `walk_tiles`, other
 /// tiles piece by piece. Evaluates to the packer's flag.
 macro_rules! pack_avx2 {
-    ($t:ty, $check:expr, $job:expr, $codes:expr, $block:expr, $is_bad:expr, $ahead:expr) => {{
+    ($t:ty, $check:expr, $job:expr, $codes:expr, $block:expr, $is_bad:expr) => {{
         let codes = $codes;
         let block = $block;
         let ctl = [gather_control(0), gather_control(1), gather_control(2), gather_control(3)];
@@ -592,14 +629,18 @@ macro_rules! pack_avx2 {
         };
         match $job {
             Job::Run(src, dst) => piece(src, dst, &mut acc, &mut acc8),
-            Job::Tiles { src, stride, rows, c0, tiles } if c0.is_multiple_of(16) => {
+            Job::Tiles { src, stride, rows, c0, tiles } if c0.is_multiple_of(16) && rows * c0 <= STAGE_BYTES => {
+                let stream = tiles.stream;
                 let store = |s: *const $t, d: *mut u8| {
                     let r = block32(s, &mut acc, &mut acc8);
                     // SAFETY: `walk_tiles` hands out 16 writable bytes at `d`; the store is
                     // unaligned.
                     unsafe { _mm_storeu_si128(d.cast(), r) };
                 };
-                walk_tiles!(src, stride, rows, c0, tiles, 16, store, $ahead, prefetch)
+                walk_tiles!(src, stride, rows, c0, tiles, 16, store, prefetch, copy_tile);
+                if stream {
+                    store_fence();
+                }
             }
             Job::Tiles { src, stride, rows, c0, tiles } => {
                 for (s, d) in tile_pairs(src, stride, rows, c0, tiles) {
@@ -647,7 +688,7 @@ unsafe fn pack_i32_avx2<const CHECK: bool>(job: Job<'_, '_, i32>) -> u32 {
     let is_bad = |acc: __m256i, acc8: __m256i| {
         _mm256_testz_si256(acc, high) == 0 || _mm256_testz_si256(acc8, _mm256_set1_epi8(-16)) == 0
     };
-    pack_avx2!(i32, CHECK, job, codes, block, is_bad, 0)
+    pack_avx2!(i32, CHECK, job, codes, block, is_bad)
 }
 
 /// AVX2 FP4 packer, the lane-wise form of `super::fp4_code`: with `key = bits >> 22 & 0x1FF`
@@ -684,5 +725,5 @@ unsafe fn pack_f32_avx2<const CHECK: bool>(job: Job<'_, '_, f32>) -> u32 {
         gather_codes_avx2([codes(v[0], acc), codes(v[1], acc), codes(v[2], acc), codes(v[3], acc)], &ctl)
     };
     let is_bad = |acc: __m256i, _: __m256i| _mm256_testz_si256(acc, acc) == 0;
-    pack_avx2!(f32, CHECK, job, codes, block, is_bad, FP4_PREFETCH_TILES)
+    pack_avx2!(f32, CHECK, job, codes, block, is_bad)
 }
