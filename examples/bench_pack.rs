@@ -8,8 +8,9 @@
 //! all-threads floor is never slower than the one-thread floor), and for flushed inputs it is
 //! re-timed alternately with each kernel, so both sides of a ratio see the same machine. The input is flushed
 //! from the cache before every run (a buffer larger than the last-level cache is written and
-//! read). It ends with the simulator's copy counters: bytes moved per weight by the operator path
-//! against the host fast path.
+//! read). After each table, the range check's cost: every checked kernel timed alternately with
+//! its unchecked twin. It ends with the simulator's copy counters (bytes moved per weight by the
+//! operator path against the host fast path) and the host path end to end.
 //!
 //! ```text
 //! cargo run --example bench_pack                      # quick mode (small sizes, a few seconds)
@@ -601,6 +602,50 @@ fn bench_size(k: usize, n: usize, runs: usize, flusher: &mut Flusher, one: &rayo
     // nd_to_nz reads the packed bytes (1/8 of the int32 input): no ratio to the int32 read floor.
     rows.push(Row { name: "nd_to_nz (packed bytes only)".into(), threads: "all", time: t_nz.0, floor: None });
     print_table(k, n, !small, &rows);
+    // The range check's cost: each checked kernel timed alternately with its unchecked twin
+    // (each after a cache flush), three times as many reps as the table, so that both sides of
+    // the ratio see the same machine.
+    println!();
+    println!("range check cost ({k} x {n}, checked and unchecked timed alternately, {} reps):", 3 * runs);
+    println!("{:<44} {:>8} {:>11} {:>11} {:>8}", "kernel", "threads", "unchecked", "checked", "extra");
+    let checks: [(&str, Option<&rayon::ThreadPool>, bool); 3] = [
+        ("pack_int4_checked / pack_int4", None, false),
+        ("pack_int4_checked / pack_int4", Some(one), false),
+        ("pack_fp4_checked / pack_fp4", None, true),
+    ];
+    for (name, pool, fp4) in checks {
+        let nd_cell = std::sync::Mutex::new(&mut nd);
+        let (ints, floats) = (&ints, &floats);
+        let unchecked = move |d: &mut [u8]| {
+            if fp4 {
+                kernels::pack_fp4(black_box(floats), d).unwrap()
+            } else {
+                kernels::pack_int4(black_box(ints), d).unwrap()
+            }
+        };
+        let checked = move |d: &mut [u8]| {
+            if fp4 {
+                kernels::pack_fp4_checked(black_box(floats), d).unwrap()
+            } else {
+                kernels::pack_int4_checked(black_box(ints), d).unwrap()
+            }
+        };
+        let (c, u) = if small {
+            let u = measure_hot(3 * runs, pool, &mut || unchecked(&mut nd_cell.lock().unwrap()));
+            (measure_hot(3 * runs, pool, &mut || checked(&mut nd_cell.lock().unwrap())), u)
+        } else {
+            let base: Box<dyn FnMut() + Send + '_> = Box::new(|| unchecked(&mut nd_cell.lock().unwrap()));
+            measure_pair(3 * runs, flusher, pool, &mut [base], &mut || checked(&mut nd_cell.lock().unwrap()))
+        };
+        println!(
+            "{:<44} {:>8} {:>9.3}ms {:>9.3}ms {:>+7.1}%",
+            name,
+            if pool.is_some() { "1" } else { "all" },
+            u.as_secs_f64() * 1e3,
+            c.as_secs_f64() * 1e3,
+            (ratio(c, u) - 1.0) * 100.0
+        );
+    }
     if small {
         let n_auto = rows.iter().find(|r| r.name == "pack_int4 (ND)" && r.threads == "all").map(|r| r.time);
         let n_one = rows.iter().find(|r| r.name == "pack_int4 (ND)" && r.threads == "1").map(|r| r.time);
