@@ -673,84 +673,87 @@ fn simd_unpackers_match_plain_all_lengths_alignments_and_streaming() {
 fn simd_tile_runners_match_plain() {
     let tiles_fns = tile_runners();
     assert_eq!(tiles_fns.len(), simd_levels());
-    // 33 tiles of c0 >= 16 span two or more groups of the SIMD walk's stage; c0 = 1040 makes
-    // 16-row tiles larger than the stage (those go piece by piece).
-    for c0 in [1, 2, 3, 4, 7, 8, 9, 16, 24, 31, 32, 33, 40, 64, 1040] {
-        let many = if (16..=64).contains(&c0) { 33 } else { 3 };
-        for n1 in [0, 1, 2, 3, many] {
-            for rows in [1, 2, 5, 16] {
-                let stride = 2 * c0 * n1 + 2 * (c0 % 3); // rows may be longer than the tiles
-                let len = (rows - 1) * stride + 2 * c0 * n1;
-                let mut ints = in_range_i32(len, (c0 * 7 + n1 * 3 + rows) as u64);
-                let mut floats = in_range_f32(len, (c0 + n1 + rows) as u64);
-                if n1 > 1 && rows > 1 {
-                    ints[stride + 2 * c0 + 1] = 99;
-                    floats[stride + 2 * c0] = f32::NAN;
+    // With 16 rows, 520 tiles of c0 = 32 span two groups of the SIMD walk's stage (512 tiles of
+    // 512 bytes) and 33 tiles of c0 = 1040 three; c0 = 16400 makes 16-row tiles larger than the
+    // stage (those go piece by piece).
+    for c0 in [1, 2, 3, 4, 7, 8, 9, 16, 24, 31, 32, 33, 40, 64, 1040, 16400] {
+        let many = match c0 {
+            32 => Some((520, 16)),
+            16..=1040 => Some((33, 16)),
+            _ => None,
+        };
+        let small = [0, 1, 2, 3].into_iter().flat_map(|n1| [1, 2, 5, 16].map(|rows| (n1, rows)));
+        for (n1, rows) in small.chain(many) {
+            let stride = 2 * c0 * n1 + 2 * (c0 % 3); // rows may be longer than the tiles
+            let len = (rows - 1) * stride + 2 * c0 * n1;
+            let mut ints = in_range_i32(len, (c0 * 7 + n1 * 3 + rows) as u64);
+            let mut floats = in_range_f32(len, (c0 + n1 + rows) as u64);
+            if n1 > 1 && rows > 1 {
+                ints[stride + 2 * c0 + 1] = 99;
+                floats[stride + 2 * c0] = f32::NAN;
+            }
+            if n1 > 32 {
+                ints[(rows - 1) * stride + 2 * c0 * (n1 - 1) + 3] = -9;
+                floats[(rows - 1) * stride + 2 * c0 * (n1 - 1) + 3] = 6.5;
+            }
+            // Elements between the tiles' data (stride padding) must not matter.
+            let mut pad_i = ints.clone();
+            let mut pad_f = floats.clone();
+            for t in 0..rows.saturating_sub(1) {
+                for e in t * stride + 2 * c0 * n1..(t + 1) * stride {
+                    pad_i[e] = i32::MAX;
+                    pad_f[e] = f32::NAN;
                 }
-                if n1 > 32 {
-                    ints[(rows - 1) * stride + 2 * c0 * 32 + 3] = -9;
-                    floats[(rows - 1) * stride + 2 * c0 * 32 + 3] = 6.5;
+            }
+            // The tiles are `pitch` bytes apart with a gap between them that must stay as is.
+            let pitch = 16 * c0 + 3;
+            let split = |a: Vec<u8>| -> Vec<Vec<u8>> {
+                assert!(a.chunks(pitch).all(|t| t[16 * c0..].iter().all(|&b| b == 0x11)), "gap written");
+                a.chunks(pitch).map(|t| t[..16 * c0].to_vec()).collect()
+            };
+            // `stream` only changes how the SIMD walks store; the bytes must be the same.
+            let run_i_as = |f: TileFn<i32>, src: &[i32], stream: bool| {
+                let mut a = vec![0x11u8; pitch * n1];
+                let flag = f(src, stride, rows, c0, Tiles { bytes: &mut a, pitch, count: n1, stream }) != 0;
+                (flag, split(a))
+            };
+            let run_f_as = |f: TileFn<f32>, src: &[f32], stream: bool| {
+                let mut a = vec![0x11u8; pitch * n1];
+                let flag = f(src, stride, rows, c0, Tiles { bytes: &mut a, pitch, count: n1, stream }) != 0;
+                (flag, split(a))
+            };
+            let run_i = |f: TileFn<i32>, src: &[i32]| run_i_as(f, src, false);
+            let run_f = |f: TileFn<f32>, src: &[f32]| run_f_as(f, src, false);
+            let plain_i = [run_i(pack_tiles_plain::<i32, false>, &ints), run_i(pack_tiles_plain::<i32, true>, &ints)];
+            let plain_f =
+                [run_f(pack_tiles_plain::<f32, false>, &floats), run_f(pack_tiles_plain::<f32, true>, &floats)];
+            assert!(!plain_i[0].0 && !plain_f[0].0);
+            assert_eq!(plain_i[1].0, n1 > 1 && rows > 1 || n1 > 32);
+            assert_eq!(plain_f[1].0, n1 > 1 && rows > 1 || n1 > 32);
+            // The plain tiles are the ND pack of each row's pieces.
+            for j in 0..n1 {
+                for t in 0..rows {
+                    let s = t * stride + 2 * c0 * j;
+                    let expect = reference::pack_int4(&ints[s..s + 2 * c0]);
+                    assert_eq!(plain_i[0].1[j][t * c0..(t + 1) * c0], expect[..]);
                 }
-                // Elements between the tiles' data (stride padding) must not matter.
-                let mut pad_i = ints.clone();
-                let mut pad_f = floats.clone();
-                for t in 0..rows.saturating_sub(1) {
-                    for e in t * stride + 2 * c0 * n1..(t + 1) * stride {
-                        pad_i[e] = i32::MAX;
-                        pad_f[e] = f32::NAN;
-                    }
-                }
-                // The tiles are `pitch` bytes apart with a gap between them that must stay as is.
-                let pitch = 16 * c0 + 3;
-                let split = |a: Vec<u8>| -> Vec<Vec<u8>> {
-                    assert!(a.chunks(pitch).all(|t| t[16 * c0..].iter().all(|&b| b == 0x11)), "gap written");
-                    a.chunks(pitch).map(|t| t[..16 * c0].to_vec()).collect()
-                };
-                // `stream` only changes how the SIMD walks store; the bytes must be the same.
-                let run_i_as = |f: TileFn<i32>, src: &[i32], stream: bool| {
-                    let mut a = vec![0x11u8; pitch * n1];
-                    let flag = f(src, stride, rows, c0, Tiles { bytes: &mut a, pitch, count: n1, stream }) != 0;
-                    (flag, split(a))
-                };
-                let run_f_as = |f: TileFn<f32>, src: &[f32], stream: bool| {
-                    let mut a = vec![0x11u8; pitch * n1];
-                    let flag = f(src, stride, rows, c0, Tiles { bytes: &mut a, pitch, count: n1, stream }) != 0;
-                    (flag, split(a))
-                };
-                let run_i = |f: TileFn<i32>, src: &[i32]| run_i_as(f, src, false);
-                let run_f = |f: TileFn<f32>, src: &[f32]| run_f_as(f, src, false);
-                let plain_i =
-                    [run_i(pack_tiles_plain::<i32, false>, &ints), run_i(pack_tiles_plain::<i32, true>, &ints)];
-                let plain_f =
-                    [run_f(pack_tiles_plain::<f32, false>, &floats), run_f(pack_tiles_plain::<f32, true>, &floats)];
-                assert!(!plain_i[0].0 && !plain_f[0].0);
-                assert_eq!(plain_i[1].0, n1 > 1 && rows > 1 || n1 > 32);
-                assert_eq!(plain_f[1].0, n1 > 1 && rows > 1 || n1 > 32);
-                // The plain tiles are the ND pack of each row's pieces.
-                for j in 0..n1 {
-                    for t in 0..rows {
-                        let s = t * stride + 2 * c0 * j;
-                        let expect = reference::pack_int4(&ints[s..s + 2 * c0]);
-                        assert_eq!(plain_i[0].1[j][t * c0..(t + 1) * c0], expect[..]);
-                    }
-                    assert!(plain_i[0].1[j][rows * c0..].iter().all(|&b| b == 0x11));
-                }
-                let ctx = format!("c0 {c0} n1 {n1} rows {rows}");
-                // Checked: same flag; same bytes unless a bad element was seen (unspecified).
-                let same = |a: &(bool, Vec<Vec<u8>>), b: &(bool, Vec<Vec<u8>>)| a.0 == b.0 && (a.0 || a.1 == b.1);
-                for &(ui, ci, uf, cf) in &tiles_fns {
-                    assert_eq!(run_i(ui, &ints), plain_i[0], "int {ctx}");
-                    assert_eq!(run_i(ui, &pad_i), plain_i[0], "int, padded stride {ctx}");
-                    assert!(same(&run_i(ci, &ints), &plain_i[1]), "int checked {ctx}");
-                    assert!(same(&run_i(ci, &pad_i), &plain_i[1]), "int checked, padded stride {ctx}");
-                    assert_eq!(run_f(uf, &floats), plain_f[0], "fp4 {ctx}");
-                    assert!(same(&run_f(cf, &floats), &plain_f[1]), "fp4 checked {ctx}");
-                    assert!(same(&run_f(cf, &pad_f), &plain_f[1]), "fp4 checked, padded stride {ctx}");
-                    assert_eq!(run_i_as(ui, &pad_i, true), plain_i[0], "int, streaming {ctx}");
-                    assert!(same(&run_i_as(ci, &ints, true), &plain_i[1]), "int checked, streaming {ctx}");
-                    assert_eq!(run_f_as(uf, &floats, true), plain_f[0], "fp4, streaming {ctx}");
-                    assert!(same(&run_f_as(cf, &pad_f, true), &plain_f[1]), "fp4 checked, streaming {ctx}");
-                }
+                assert!(plain_i[0].1[j][rows * c0..].iter().all(|&b| b == 0x11));
+            }
+            let ctx = format!("c0 {c0} n1 {n1} rows {rows}");
+            // Checked: same flag; same bytes unless a bad element was seen (unspecified).
+            let same = |a: &(bool, Vec<Vec<u8>>), b: &(bool, Vec<Vec<u8>>)| a.0 == b.0 && (a.0 || a.1 == b.1);
+            for &(ui, ci, uf, cf) in &tiles_fns {
+                assert_eq!(run_i(ui, &ints), plain_i[0], "int {ctx}");
+                assert_eq!(run_i(ui, &pad_i), plain_i[0], "int, padded stride {ctx}");
+                assert!(same(&run_i(ci, &ints), &plain_i[1]), "int checked {ctx}");
+                assert!(same(&run_i(ci, &pad_i), &plain_i[1]), "int checked, padded stride {ctx}");
+                assert_eq!(run_f(uf, &floats), plain_f[0], "fp4 {ctx}");
+                assert!(same(&run_f(cf, &floats), &plain_f[1]), "fp4 checked {ctx}");
+                assert!(same(&run_f(cf, &pad_f), &plain_f[1]), "fp4 checked, padded stride {ctx}");
+                assert_eq!(run_i_as(ui, &pad_i, true), plain_i[0], "int, streaming {ctx}");
+                assert!(same(&run_i_as(ci, &ints, true), &plain_i[1]), "int checked, streaming {ctx}");
+                assert_eq!(run_f_as(uf, &floats, true), plain_f[0], "fp4, streaming {ctx}");
+                assert!(same(&run_f_as(cf, &pad_f, true), &plain_f[1]), "fp4 checked, streaming {ctx}");
             }
         }
     }

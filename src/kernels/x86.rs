@@ -23,7 +23,7 @@
 use std::arch::x86_64::*;
 
 use super::codes::FP4_MAX_ABS_BITS;
-use super::dispatch::{Job, RunFn, STAGE_BYTES, Stage, TileFn, Tiles, UnpackFn, tile_pairs, walk_tiles};
+use super::dispatch::{Job, RunFn, STAGE_BYTES, TileFn, Tiles, UnpackFn, tile_pairs, walk_tiles, with_stage};
 use super::nd::pack_run_plain;
 use super::unpack::unpack_int4_plain;
 
