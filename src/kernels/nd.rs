@@ -62,10 +62,9 @@ fn pack_checked_impl<T: Element>(src: &[T], out: &mut [u8]) -> Result<(), PackEr
     let run = T::runner::<true>();
     let bad = if src.len() >= parallel_threshold() {
         let chunk = par_chunk(src.len());
-        src.par_chunks(chunk)
-            .zip(out.par_chunks_mut(chunk / 2))
-            .enumerate()
-            .find_map_first(|(c, (s, d))| pack_checked_serial(run, s, d).map(|i| c * chunk + i))
+        let flag =
+            src.par_chunks(chunk).zip(out.par_chunks_mut(chunk / 2)).map(|(s, d)| run(s, d)).reduce(|| 0, |a, b| a | b);
+        if flag != 0 { first_bad(src) } else { None }
     } else {
         pack_checked_serial(run, src, out)
     };
