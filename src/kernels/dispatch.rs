@@ -57,33 +57,101 @@ pub(super) fn par_chunk(len: usize) -> usize {
 /// (the checked AVX-512 INT packer saturates instead of masking).
 pub(super) type RunFn<T> = fn(&[T], &mut [u8]) -> u32;
 
-/// The destination of a [`TileFn`] call: `count` tiles, tile `j` starting at byte `j * pitch`
-/// of `bytes`. In a FRACTAL_NZ buffer the tiles of one 16-row block in consecutive column blocks
-/// are one column block (`K1 * 16 * c0` bytes) apart, so one slice and a pitch describe them
-/// without building a list of slices.
+/// The destination of a [`TileFn`] call: `count` tiles of `len` bytes each, tile `j` starting
+/// `j * pitch` bytes after the first. In a FRACTAL_NZ buffer the tiles of one 16-row block in
+/// consecutive column blocks are one column block (`K1 * 16 * c0` bytes) apart, and the bytes
+/// between them belong to the other row blocks, which other threads may be filling at the same
+/// time: a `Tiles` grants access to its tiles only, never to the bytes between them, and is
+/// described by a pointer and a pitch, without a list of slices.
 pub(super) struct Tiles<'a> {
-    /// The bytes from the first tile on.
-    pub(super) bytes: &'a mut [u8],
-    /// Bytes from one tile's start to the next one's.
-    pub(super) pitch: usize,
+    /// The first tile's first byte.
+    first: *mut u8,
+    /// Bytes of each tile.
+    len: usize,
+    /// Bytes from one tile's start to the next one's (at least `len` if there are two tiles).
+    pitch: usize,
     /// Number of tiles.
-    pub(super) count: usize,
+    count: usize,
     /// True if the tiles may be written with non-temporal stores (the call touches more memory
     /// than the last-level cache holds, see [`streams_output`]); packers without such stores
     /// ignore it.
     pub(super) stream: bool,
+    /// The tiles are borrowed mutably for `'a`.
+    _tiles: std::marker::PhantomData<&'a mut [u8]>,
 }
 
-impl Tiles<'_> {
-    /// Panics unless every tile holds `rows * c0` bytes and no two tiles overlap.
+impl<'a> Tiles<'a> {
+    /// `count` tiles of `len` bytes, `pitch` apart, from the start of `bytes`. Panics if they
+    /// overlap or do not fit in `bytes`. (The kernels build theirs with `from_raw`.)
+    #[cfg(test)]
+    pub(super) fn in_slice(bytes: &'a mut [u8], len: usize, pitch: usize, count: usize, stream: bool) -> Self {
+        assert!(count <= 1 || pitch >= len, "tiles overlap");
+        let need = if count == 0 { 0 } else { (count - 1).saturating_mul(pitch).saturating_add(len) };
+        assert!(bytes.len() >= need, "tiles do not fit");
+        // SAFETY: the tiles lie inside `bytes` (asserted), which is borrowed mutably for 'a, and
+        // do not overlap (asserted).
+        unsafe { Self::from_raw(bytes.as_mut_ptr(), len, pitch, count, stream) }
+    }
+
+    /// `count` tiles of `len` bytes, `pitch` apart, from `first`.
+    ///
+    /// # Safety
+    /// For `'a`, bytes `j * pitch..j * pitch + len` from `first`, for every `j < count`, must lie
+    /// inside one live allocation, be valid for reads and writes, and be accessed through nothing
+    /// but the returned value; the tiles must not overlap (`count <= 1 || pitch >= len`).
+    pub(super) unsafe fn from_raw(first: *mut u8, len: usize, pitch: usize, count: usize, stream: bool) -> Self {
+        Tiles { first, len, pitch, count, stream, _tiles: std::marker::PhantomData }
+    }
+
+    /// Number of tiles.
+    pub(super) fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Panics unless every tile holds `rows * c0` bytes.
     pub(super) fn check(&self, rows: usize, c0: usize) {
-        if self.count == 0 {
-            return;
+        assert!(rows.saturating_mul(c0) <= self.len, "tile too short");
+    }
+
+    /// Tile `j`'s first byte, valid for reading and writing the tile's bytes while the borrow
+    /// of `self` lasts. Panics unless `j < count`.
+    pub(super) fn tile_ptr(&mut self, j: usize) -> *mut u8 {
+        assert!(j < self.count, "no such tile");
+        // SAFETY: tile `j` lies inside one allocation with the first (the constructors'
+        // contract), so the offset stays in bounds.
+        unsafe { self.first.add(j * self.pitch) }
+    }
+
+    /// The same tiles, borrowed from `self`.
+    pub(super) fn reborrow(&mut self) -> Tiles<'_> {
+        // SAFETY: the tiles are `self`'s, which cannot be used while the result lives.
+        unsafe { Tiles::from_raw(self.first, self.len, self.pitch, self.count, self.stream) }
+    }
+
+    /// The first `n` tiles (at most `count`) and the others.
+    pub(super) fn split_at(self, n: usize) -> (Tiles<'a>, Tiles<'a>) {
+        let n = n.min(self.count);
+        // Tile `n`'s address: only dereferenced if the second part has a tile, which then lies
+        // in the allocation (so `wrapping_add` is enough).
+        let rest = self.first.wrapping_add(n.saturating_mul(self.pitch));
+        // SAFETY: the two parts are disjoint sets of `self`'s tiles, which `self` (consumed)
+        // held for 'a.
+        unsafe {
+            (
+                Tiles::from_raw(self.first, self.len, self.pitch, n, self.stream),
+                Tiles::from_raw(rest, self.len, self.pitch, self.count - n, self.stream),
+            )
         }
-        let width = rows.saturating_mul(c0);
-        assert!(self.count == 1 || self.pitch >= width, "tiles overlap");
-        let need = (self.count - 1).saturating_mul(self.pitch).saturating_add(width);
-        assert!(self.bytes.len() >= need, "tile too short");
+    }
+
+    /// The tiles as slices of `len` bytes, in order.
+    pub(super) fn into_slices(self) -> impl Iterator<Item = &'a mut [u8]> {
+        (0..self.count).map(move |j| {
+            // SAFETY: tile `j < count` is `len` bytes valid for reads and writes for 'a and
+            // accessed through nothing else (the constructors' contract); each tile is handed
+            // out once, and the tiles do not overlap.
+            unsafe { std::slice::from_raw_parts_mut(self.first.wrapping_add(j * self.pitch), self.len) }
+        })
     }
 }
 
@@ -103,8 +171,7 @@ pub(super) fn tile_pairs<'s, 't, T>(
     tiles: Tiles<'t>,
 ) -> impl Iterator<Item = (&'s [T], &'t mut [u8])> {
     tiles.check(rows, c0);
-    let Tiles { bytes, pitch, count, .. } = tiles;
-    bytes.chunks_mut(pitch.max(1)).take(count).enumerate().flat_map(move |(j, tile)| {
+    tiles.into_slices().enumerate().flat_map(move |(j, tile)| {
         tile[..rows * c0].chunks_exact_mut(c0).enumerate().map(move |(t, piece)| {
             let s = t * stride + 2 * c0 * j;
             (&src[s..s + 2 * c0], piece)
@@ -199,13 +266,13 @@ macro_rules! walk_tiles {
             ($src, $stride, $rows, $c0, $tiles);
         let (mut block, prefetch, copy) = ($block, $prefetch, $copy);
         tiles.check(rows, c0);
-        let (n, pitch, stream) = (tiles.count, tiles.pitch, tiles.stream);
+        let mut tiles = tiles;
+        let (n, stream) = (tiles.count(), tiles.stream);
         let tile_bytes = rows * c0;
         assert!(tile_bytes <= STAGE_BYTES, "tile larger than the stage");
         if tile_bytes > 0 && n > 0 {
             let need = (rows - 1).saturating_mul(stride).saturating_add(n.saturating_mul(2 * c0));
             assert!(src.len() >= need, "tile source too short");
-            let d = tiles.bytes.as_mut_ptr();
             let elem = size_of_val(&src[0]);
             let per = STAGE_BYTES / tile_bytes;
             with_stage(|st| {
@@ -241,14 +308,12 @@ macro_rules! walk_tiles {
                         }
                     }
                     for i in 0..m {
+                        let d = tiles.tile_ptr(j0 + i);
                         // SAFETY: stage bytes `i tile_bytes ..+ tile_bytes` were all written above
-                        // (every row, every block); destination bytes `(j0 + i) pitch ..+
-                        // tile_bytes` end at most at `(n - 1) pitch + rows c0 <= tiles.bytes.len()`
-                        // (`Tiles::check`); the stage is this thread's own buffer, so the two do not
-                        // overlap.
-                        unsafe {
-                            copy(st.add(i * tile_bytes).cast_const(), d.add((j0 + i) * pitch), tile_bytes, stream)
-                        };
+                        // (every row, every block); tile `j0 + i < n` is valid for writing at
+                        // least `rows c0 = tile_bytes` bytes (`Tiles::check`); the stage is this
+                        // thread's own buffer, so the two do not overlap.
+                        unsafe { copy(st.add(i * tile_bytes).cast_const(), d, tile_bytes, stream) };
                     }
                 }
             });

@@ -107,11 +107,11 @@ fn check_nz_lengths(geom: &NzGeometry, nd_len: usize, nz_len: usize) -> Result<(
 /// last, possibly short, piece `data` of each row. Both return a flag that is OR-ed into the
 /// result. Padding is zeroed here. Requires a validated geometry.
 ///
-/// The SIMD tile packers write each tile (16 `c0`-byte rows, one contiguous 512-byte run for
-/// `c0 = 32`) whole, after reading its rows as runs across many tiles (`walk_tiles`), so every
-/// destination cache line is written completely at once and no index is computed per element.
-/// The parallel split is by column blocks: each task owns a contiguous part of `out`, and
-/// nothing is allocated.
+/// The work is split by 16-row blocks ("bands"): band `kb` is tile `kb` of every column block in
+/// `out`, and its source is 16 whole rows (of the blocks' columns), contiguous in memory when
+/// `out` spans whole rows, which the SIMD tile packers read as runs (`walk_tiles`). Over rayon,
+/// bands are shared out like any parallel range, so a thread that falls behind is helped; every
+/// band's tiles are disjoint from every other band's, and nothing is allocated.
 fn fill_nz<F, R>(
     geom: &NzGeometry,
     first: usize,
@@ -131,66 +131,74 @@ where
     // A non-empty `out` implies that c0, rows and row_bytes (so K1 and N1) are all non-zero.
     let (rows, row_bytes, c0, n1, k1) = (geom.rows, geom.row_bytes, geom.c0, geom.n1(), geom.k1());
     let (block, tile_bytes) = (geom.block_bytes(), 16 * c0);
-    debug_assert_eq!(out.len() % block, 0);
+    let blocks = out.len() / block;
+    assert_eq!(out.len(), blocks * block, "NZ output holds whole column blocks");
     // Bytes of data in the last column block of a row (1..=c0).
     let last_len = row_bytes - (n1 - 1) * c0;
-    // Column blocks `b0..` in `part` (whole blocks).
-    let run = |b0: usize, mut part: &mut [u8]| -> u32 {
+    let out = OutPtr(out.as_mut_ptr());
+    let band = |kb: usize| -> u32 {
+        let r0 = kb * 16;
+        let data_rows = rows.saturating_sub(r0).min(16);
         let mut bad = 0;
-        let mut b = b0;
-        while !part.is_empty() {
-            let (g, j0) = (b / n1, b % n1);
-            let count = (n1 - j0).min(part.len() / block);
-            let (seg, rest) = std::mem::take(&mut part).split_at_mut(count * block);
-            let has_last = j0 + count == n1;
-            let full = count - usize::from(has_last);
-            for kb in 0..k1 {
-                let r0 = kb * 16;
-                let data_rows = rows.saturating_sub(r0).min(16);
-                let nd_row0 = g * rows + r0;
-                let at = kb * tile_bytes;
-                if full > 0 {
-                    let tiles = Tiles { bytes: &mut seg[at..], pitch: block, count: full, stream };
-                    bad |= fill_tiles(nd_row0, data_rows, j0 * c0, tiles);
-                }
-                if has_last {
-                    let tile = &mut seg[full * block + at..][..tile_bytes];
-                    for t in 0..data_rows {
-                        let (data, pad) = tile[t * c0..(t + 1) * c0].split_at_mut(last_len);
-                        bad |= fill(nd_row0 + t, (n1 - 1) * c0, data);
-                        pad.fill(0);
-                    }
-                }
-                if data_rows < 16 {
-                    for i in 0..count {
-                        seg[i * block + at + data_rows * c0..][..(16 - data_rows) * c0].fill(0);
-                    }
+        let mut b = 0;
+        while b < blocks {
+            let (g, j0) = ((first + b) / n1, (first + b) % n1);
+            let count = (n1 - j0).min(blocks - b);
+            // SAFETY: tile `kb` of column blocks `b..b + count` of `out` is bytes
+            // `(b + i) * block + kb * tile_bytes ..+ tile_bytes`, which end at most at
+            // `(b + count) * block <= out.len()` (as `(kb + 1) * tile_bytes <= K1 * tile_bytes =
+            // block`); the tiles do not overlap (`block >= tile_bytes`). Only this call of
+            // `band(kb)` touches tile `kb` of any block, and `out` is not used otherwise
+            // while the bands run (`fill_nz` holds its only borrow).
+            let mut tiles = unsafe {
+                Tiles::from_raw(out.get().add(b * block + kb * tile_bytes), tile_bytes, block, count, stream)
+            };
+            if data_rows < 16 {
+                for tile in tiles.reborrow().into_slices() {
+                    tile[data_rows * c0..].fill(0);
                 }
             }
-            part = rest;
+            let has_last = j0 + count == n1;
+            let (full, last) = tiles.split_at(count - usize::from(has_last));
+            let nd_row0 = g * rows + r0;
+            if full.count() > 0 {
+                bad |= fill_tiles(nd_row0, data_rows, j0 * c0, full);
+            }
+            if let Some(tile) = last.into_slices().next() {
+                for t in 0..data_rows {
+                    let (data, pad) = tile[t * c0..(t + 1) * c0].split_at_mut(last_len);
+                    bad |= fill(nd_row0 + t, (n1 - 1) * c0, data);
+                    pad.fill(0);
+                }
+            }
             b += count;
         }
         bad
     };
     if parallel {
-        // One strip of column blocks per thread (at least 2 KiB of input per row, 8 blocks at
-        // c0 = 32, while every thread still gets one): the tile walk reads each row of a strip
-        // as one run, and the longer the runs the better. Four strips per thread were 1.2-1.35x
-        // slower in a one-process A/B (2-vCPU AMD EPYC, AVX-512 and AVX2 paths, 4096x11008 and
-        // 8192x28672), and 512-byte strips once made `HostPacker`'s chunks 1.4x slower than the
-        // whole weight.
-        let blocks = out.len() / block;
-        let threads = rayon::current_num_threads().max(1);
-        let min_blocks = (2048 / (8 * c0)).max(1).min(blocks.div_ceil(threads));
-        let per_task = blocks.div_ceil(threads).max(min_blocks).max(1);
-        out.par_chunks_mut(per_task * block)
-            .enumerate()
-            .map(|(i, part)| run(first + i * per_task, part))
-            .reduce(|| 0, |a, b| a | b)
+        (0..k1).into_par_iter().map(band).reduce(|| 0, |a, b| a | b)
     } else {
-        run(first, out)
+        (0..k1).map(band).fold(0, |a, b| a | b)
     }
 }
+
+/// The output buffer of [`fill_nz`], shared by its bands (each writes only its own tiles).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut u8);
+
+impl OutPtr {
+    /// The pointer (a method, so that closures capture the whole `OutPtr`, which is `Sync`).
+    fn get(self) -> *mut u8 {
+        self.0
+    }
+}
+
+// SAFETY: `OutPtr` is only a pointer to `fill_nz`'s output, which outlives the parallel bands;
+// the bands write disjoint tiles of it (see `fill_nz`), so sharing it across threads is sound.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above: shared access only hands out the pointer; the writes through it are
+// disjoint per band.
+unsafe impl Sync for OutPtr {}
 
 /// Converts packed ND bytes (`groups` row-major matrices of `rows x row_bytes`) to FRACTAL_NZ:
 /// within group `g`, byte `(r, c)` goes to
@@ -220,8 +228,7 @@ pub fn nd_to_nz(packed: &[u8], geom: NzGeometry, offset: GroupOffset, out: &mut 
             },
             |nd_row0, data_rows, col0, tiles| {
                 tiles.check(data_rows, c0);
-                let Tiles { bytes, pitch, count, .. } = tiles;
-                for (j, tile) in bytes.chunks_mut(pitch).take(count).enumerate() {
+                for (j, tile) in tiles.into_slices().enumerate() {
                     for (t, piece) in tile[..data_rows * c0].chunks_exact_mut(c0).enumerate() {
                         let s = (nd_row0 + t) * nb + col0 + j * c0;
                         piece.copy_from_slice(&packed[s..s + c0]);

@@ -714,12 +714,12 @@ fn simd_tile_runners_match_plain() {
             // `stream` only changes how the SIMD walks store; the bytes must be the same.
             let run_i_as = |f: TileFn<i32>, src: &[i32], stream: bool| {
                 let mut a = vec![0x11u8; pitch * n1];
-                let flag = f(src, stride, rows, c0, Tiles { bytes: &mut a, pitch, count: n1, stream }) != 0;
+                let flag = f(src, stride, rows, c0, Tiles::in_slice(&mut a, 16 * c0, pitch, n1, stream)) != 0;
                 (flag, split(a))
             };
             let run_f_as = |f: TileFn<f32>, src: &[f32], stream: bool| {
                 let mut a = vec![0x11u8; pitch * n1];
-                let flag = f(src, stride, rows, c0, Tiles { bytes: &mut a, pitch, count: n1, stream }) != 0;
+                let flag = f(src, stride, rows, c0, Tiles::in_slice(&mut a, 16 * c0, pitch, n1, stream)) != 0;
                 (flag, split(a))
             };
             let run_i = |f: TileFn<i32>, src: &[i32]| run_i_as(f, src, false);
