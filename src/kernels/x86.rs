@@ -691,9 +691,31 @@ unsafe fn pack_i32_avx2<const CHECK: bool>(job: Job<'_, '_, i32>) -> u32 {
     pack_avx2!(i32, CHECK, job, codes, block, is_bad)
 }
 
-/// AVX2 FP4 packer, the lane-wise form of `super::fp4_code`: with `key = bits >> 22 & 0x1FF`
-/// and `d = key - 0xFC`, a hit is `d <= 7 && d != 1` with magnitude code `max(d, 1)`; the sign
-/// is kept for hits and for `key == 0`. Bad if `|bits| > 6.0` (covers NaN and infinities).
+/// `vpshufb` table of [`pack_f32_avx2`], indexed by `min(d, 8)` with `d = key - 0xFC`, or 9 for
+/// `key == 0`: the magnitude code of a table hit (`d` in {0, 2, .., 7}) with bit 3 set ("keep
+/// the sign"), 0 for a miss, bit 3 alone for `key == 0` (signed zero). Both 128-bit lanes alike.
+static FP4_CODE_TABLE: [u8; 32] = {
+    let mut t = [0u8; 32];
+    let mut lane = 0;
+    while lane < 2 {
+        let mut d = 0;
+        while d < 8 {
+            if d != 1 {
+                t[16 * lane + d] = 8 | if d == 0 { 1 } else { d as u8 };
+            }
+            d += 1;
+        }
+        t[16 * lane + 9] = 8;
+        lane += 1;
+    }
+    t
+};
+
+/// AVX2 FP4 packer, the lane-wise form of `super::fp4_code` with a table lookup: with
+/// `key = bits >> 22 & 0x1FF` and `d = key - 0xFC`, one `vpshufb` of [`FP4_CODE_TABLE`] at
+/// `min(d, 8)` (9 for `key == 0`) gives the magnitude code and a "keep the sign" bit, and an AND
+/// with `bits >> 28 | 7` applies the sign (10 instructions per 8 elements, against 15 for the
+/// compare-and-select form). Bad if `|bits| > 6.0` (covers NaN and infinities).
 ///
 /// # Safety
 /// The CPU must support AVX2. Panics if a slice of `job` is too short.
@@ -701,24 +723,27 @@ unsafe fn pack_i32_avx2<const CHECK: bool>(job: Job<'_, '_, i32>) -> u32 {
 unsafe fn pack_f32_avx2<const CHECK: bool>(job: Job<'_, '_, f32>) -> u32 {
     let k1ff = _mm256_set1_epi32(0x1FF);
     let kfc = _mm256_set1_epi32(0xFC);
-    let one = _mm256_set1_epi32(1);
     let seven = _mm256_set1_epi32(7);
     let eight = _mm256_set1_epi32(8);
     let zero = _mm256_setzero_si256();
     let abs = _mm256_set1_epi32(0x7FFF_FFFF);
     let max = _mm256_set1_epi32(FP4_MAX_ABS_BITS as i32);
+    // SAFETY: `FP4_CODE_TABLE` is 32 readable bytes; the unaligned load has no alignment
+    // requirement.
+    let table = unsafe { _mm256_loadu_si256(FP4_CODE_TABLE.as_ptr().cast()) };
     let codes = |b: __m256i, acc: &mut __m256i| {
         if CHECK {
             *acc = _mm256_or_si256(*acc, _mm256_cmpgt_epi32(_mm256_and_si256(b, abs), max));
         }
         let key = _mm256_and_si256(_mm256_srli_epi32::<22>(b), k1ff);
         let d = _mm256_sub_epi32(key, kfc);
-        let le7 = _mm256_cmpeq_epi32(_mm256_min_epu32(d, seven), d);
-        let hit = _mm256_andnot_si256(_mm256_cmpeq_epi32(d, one), le7);
-        let mag = _mm256_and_si256(hit, _mm256_max_epu32(d, one));
-        let keep = _mm256_or_si256(hit, _mm256_cmpeq_epi32(key, zero));
-        let sign = _mm256_and_si256(_mm256_srli_epi32::<28>(b), eight);
-        _mm256_or_si256(mag, _mm256_and_si256(keep, sign))
+        // 0..=8, then 9 where key == 0 (the compare gives -1 there).
+        let index = _mm256_sub_epi32(_mm256_min_epu32(d, eight), _mm256_cmpeq_epi32(key, zero));
+        // Bytes 1..3 of every lane index entry 0 (9), cleared by the sign mask, whose bytes 1..3
+        // are zero: `bits >> 28` is the sign (bit 3) over three exponent bits, which the 7
+        // overwrites.
+        let entry = _mm256_shuffle_epi8(table, index);
+        _mm256_and_si256(entry, _mm256_or_si256(_mm256_srli_epi32::<28>(b), seven))
     };
     let ctl = [gather_control(0), gather_control(1), gather_control(2), gather_control(3)];
     let block = |v: [__m256i; 4], acc: &mut __m256i, _: &mut __m256i| {
