@@ -202,9 +202,8 @@ pub(super) enum Job<'s, 't, T> {
 /// Bytes of the per-thread buffer in which [`walk_tiles`] assembles tiles before copying them
 /// out: 512 tiles of 512 bytes at `c0 = 32`, so a 16-row band of a weight up to 32,768 columns
 /// is staged whole and its source (16 whole rows, contiguous) is read as one sequential run. It
-/// sits in L2 (every x86-64 and Arm server core has at least 512 KiB). With a 16 KiB stack
-/// stage, fused NZ at 8192x28672 took 1.30-1.39x the ND pack's time on one thread, 1.08-1.17x
-/// with this one (three alternating runs, 2-vCPU AMD EPYC, AVX-512).
+/// sits in L2 (every x86-64 and Arm server core has at least 512 KiB). It replaced a 16 KiB
+/// stack stage, whose shorter runs made the one-thread fused NZ pack measurably slower.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(super) const STAGE_BYTES: usize = 256 << 10;
 
@@ -250,11 +249,10 @@ pub(super) fn with_stage<R>(f: impl FnOnce(*mut u8) -> R) -> R {
 /// set's packers.
 ///
 /// The tiles are packed in groups that fit this thread's stage ([`with_stage`]). For each
-/// group, source
-/// row `t` is read as one sequential run across the group's tiles while `$prefetch(p)` is
-/// handed the lines of the next run (row `t + 1`; row 0 of the next group; after the last
-/// group, row `rows`, where `fill_nz`'s next call starts; addresses only, possibly past the end
-/// of `$src`, never dereferenced here), and the packed pieces go to their
+/// group, source row `t` is read as one sequential run across the group's tiles while
+/// `$prefetch(p)` is handed the lines of the next run (row `t + 1`; row 0 of the next group;
+/// after the last group, row `rows`, where `fill_nz`'s next band starts; addresses only,
+/// possibly past the end of `$src`, never dereferenced here), and the packed pieces go to their
 /// places in the stage; then `$copy(stage, dst, len, stream)` copies each finished tile out
 /// whole (`stream` is [`Tiles::stream`]; a streaming copy must leave its stores unfenced for
 /// the caller to fence once). Reading each tile's 16 row pieces in turn instead keeps 16 read
@@ -288,7 +286,7 @@ macro_rules! walk_tiles {
                         } else if j0 + m < n {
                             2 * c0 * (j0 + m)
                         } else {
-                            // The caller's next call: most likely the next 16 rows (`fill_nz`).
+                            // The caller's next band: most likely the next 16 rows (`fill_nz`).
                             rows * stride
                         };
                         // Only an address: `wrapping_add` is defined even past the end.
