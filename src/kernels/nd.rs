@@ -28,11 +28,6 @@ pub(super) fn first_bad<T: Element>(src: &[T]) -> Option<usize> {
     src.iter().position(|v| v.bad() != 0)
 }
 
-/// Serial checked pack: returns the index of the first bad element (relative to `src`).
-fn pack_checked_serial<T: Element>(run: RunFn<T>, src: &[T], dst: &mut [u8]) -> Option<usize> {
-    if run(src, dst) != 0 { first_bad(src) } else { None }
-}
-
 fn check_pack_lengths(src_len: usize, out_len: usize) -> Result<(), LayoutError> {
     if !src_len.is_multiple_of(2) {
         return Err(LayoutError::new("source length in elements (must be even)", src_len + 1, src_len));
@@ -43,31 +38,28 @@ fn check_pack_lengths(src_len: usize, out_len: usize) -> Result<(), LayoutError>
     Ok(())
 }
 
-fn pack_impl<T: Element>(src: &[T], out: &mut [u8]) -> Result<(), LayoutError> {
-    check_pack_lengths(src.len(), out.len())?;
-    let run = T::runner::<false>();
+/// Runs `run` over all of `src` into `out` (equal-sized pieces over rayon from the parallel
+/// threshold on, else in one call) and ORs the pieces' flags.
+fn run_all<T: Element>(run: RunFn<T>, src: &[T], out: &mut [u8]) -> u32 {
     if src.len() >= parallel_threshold() {
         let chunk = par_chunk(src.len());
-        src.par_chunks(chunk).zip(out.par_chunks_mut(chunk / 2)).for_each(|(s, d)| {
-            run(s, d);
-        });
+        src.par_chunks(chunk).zip(out.par_chunks_mut(chunk / 2)).map(|(s, d)| run(s, d)).reduce(|| 0, |a, b| a | b)
     } else {
-        run(src, out);
+        run(src, out)
     }
+}
+
+fn pack_impl<T: Element>(src: &[T], out: &mut [u8]) -> Result<(), LayoutError> {
+    check_pack_lengths(src.len(), out.len())?;
+    run_all(T::runner::<false>(), src, out);
     Ok(())
 }
 
+/// The checked pack: the packers only flag that some element is bad; the first one (in element
+/// order) is then found by one scan of the prefix, on the error path only.
 fn pack_checked_impl<T: Element>(src: &[T], out: &mut [u8]) -> Result<(), PackError> {
     check_pack_lengths(src.len(), out.len())?;
-    let run = T::runner::<true>();
-    let bad = if src.len() >= parallel_threshold() {
-        let chunk = par_chunk(src.len());
-        let flag =
-            src.par_chunks(chunk).zip(out.par_chunks_mut(chunk / 2)).map(|(s, d)| run(s, d)).reduce(|| 0, |a, b| a | b);
-        if flag != 0 { first_bad(src) } else { None }
-    } else {
-        pack_checked_serial(run, src, out)
-    };
+    let bad = if run_all(T::runner::<true>(), src, out) != 0 { first_bad(src) } else { None };
     match bad {
         Some(i) => Err(src[i].error(i)),
         None => Ok(()),
