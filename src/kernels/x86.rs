@@ -478,8 +478,8 @@ unsafe fn pack_f32_avx512<const CHECK: bool>(job: Job<'_, '_, f32>) -> u32 {
     let nine = _mm512_set1_epi32(9);
     let abs = _mm512_set1_epi32(0x7FFF_FFFF);
     let max = _mm512_set1_epi32(FP4_MAX_ABS_BITS as i32);
-    // SAFETY: `FP4_CODE_TABLE` holds at least 16 readable bytes (its first 128-bit lane); the
-    // unaligned load has no alignment requirement.
+    // SAFETY: `FP4_CODE_TABLE` is 16 readable bytes; the unaligned load has no alignment
+    // requirement.
     let table = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(FP4_CODE_TABLE.as_ptr().cast()) });
     let codes = |b: __m512i, acc: &mut __m512i| {
         if CHECK {
@@ -685,25 +685,11 @@ unsafe fn pack_i32_avx2<const CHECK: bool>(job: Job<'_, '_, i32>) -> u32 {
     pack_avx2!(i32, CHECK, job, codes, block, is_bad)
 }
 
-/// `vpshufb` table of [`pack_f32_avx2`], indexed by `min(d, 8)` with `d = key - 0xFC`, or 9 for
+/// `vpshufb` table of the FP4 packers, indexed by `min(d, 8)` with `d = key - 0xFC`, or 9 for
 /// `key == 0`: the magnitude code of a table hit (`d` in {0, 2, .., 7}) with bit 3 set ("keep
-/// the sign"), 0 for a miss, bit 3 alone for `key == 0` (signed zero). Both 128-bit lanes alike.
-static FP4_CODE_TABLE: [u8; 32] = {
-    let mut t = [0u8; 32];
-    let mut lane = 0;
-    while lane < 2 {
-        let mut d = 0;
-        while d < 8 {
-            if d != 1 {
-                t[16 * lane + d] = 8 | if d == 0 { 1 } else { d as u8 };
-            }
-            d += 1;
-        }
-        t[16 * lane + 9] = 8;
-        lane += 1;
-    }
-    t
-};
+/// the sign"), 0 for a miss, bit 3 alone for `key == 0` (signed zero). One 128-bit lane; the
+/// packers broadcast it to all of theirs.
+static FP4_CODE_TABLE: [u8; 16] = [8 | 1, 0, 8 | 2, 8 | 3, 8 | 4, 8 | 5, 8 | 6, 8 | 7, 0, 8, 0, 0, 0, 0, 0, 0];
 
 /// AVX2 FP4 packer, the lane-wise form of `super::fp4_code` with a table lookup: with
 /// `key = bits >> 22 & 0x1FF` and `d = key - 0xFC`, one `vpshufb` of [`FP4_CODE_TABLE`] at
@@ -724,9 +710,9 @@ unsafe fn pack_f32_avx2<const CHECK: bool>(job: Job<'_, '_, f32>) -> u32 {
     let zero = _mm256_setzero_si256();
     let abs = _mm256_set1_epi32(0x7FFF_FFFF);
     let max = _mm256_set1_epi32(FP4_MAX_ABS_BITS as i32);
-    // SAFETY: `FP4_CODE_TABLE` is 32 readable bytes; the unaligned load has no alignment
+    // SAFETY: `FP4_CODE_TABLE` is 16 readable bytes; the unaligned load has no alignment
     // requirement.
-    let table = unsafe { _mm256_loadu_si256(FP4_CODE_TABLE.as_ptr().cast()) };
+    let table = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(FP4_CODE_TABLE.as_ptr().cast()) });
     let codes = |b: __m256i, acc: &mut __m256i| {
         if CHECK {
             *acc = _mm256_max_epu32(*acc, _mm256_and_si256(b, abs));
